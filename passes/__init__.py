@@ -1,0 +1,1 @@
+"""Compiler passes: one pass per module, its verifier beside it. Imported as pipecc.passes."""

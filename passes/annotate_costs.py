@@ -1,0 +1,160 @@
+"""Annotate costs: per node FLOPs (F, B, W), bytes, saved activations, and roofline times.
+
+Each compute node runs alone on fake tensors under FlopCounterMode (so matmul, conv and
+attention are counted exactly, for the forward and for both halves of the backward) with a
+saved-tensors hook (so saved-activation bytes are what autograd really keeps). Element-wise
+and normalisation ops, which FlopCounter counts as zero, are charged by bytes moved.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipecc.costs import CostTable, DeviceSpec, NodeCost
+from pipecc.ir import Captured
+from pipecc.passes.graph_facts import compute_nodes, grad_nodes, node_tensors, tensor_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Work:
+    flops_forward: int
+    flops_backward_input: int
+    flops_backward_weight: int
+    saved_bytes: int
+    is_view: bool
+    has_input_grad: bool  # some input needs a gradient, so B does work here
+
+
+def annotate_costs(captured: Captured, device: DeviceSpec) -> CostTable:
+    """A CostTable with a NodeCost for every compute node of the captured graph. Deterministic."""
+    gm = captured.graph_module
+    needs_grad = grad_nodes(gm)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    nodes: dict[str, NodeCost] = {}
+    param_bytes: dict[str, int] = {}
+    for node in compute_nodes(gm):
+        tensors = dict(node_tensors(gm, node))
+        names = tuple(dict.fromkeys(captured.canonical_names.get(q, q) for q in tensors))
+        for qualified, tensor in tensors.items():
+            param_bytes[captured.canonical_names.get(qualified, qualified)] = tensor.numel() * tensor.element_size()
+        work = _measure(gm, node, needs_grad, mode)
+        nodes[node.name] = _node_cost(node, tensors, names, work, device)
+    return CostTable(device=device, nodes=nodes, param_bytes=param_bytes)
+
+
+def _node_cost(node: fx.Node, tensors: dict[str, torch.Tensor], names: tuple[str, ...], work: _Work,
+               device: DeviceSpec) -> NodeCost:
+    output_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(node.meta.get("val"))
+                       if isinstance(t, torch.Tensor))
+    input_bytes = sum(tensor_bytes(a) for a in node.all_input_nodes if a.op != "get_attr")
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    trainable = any(t.requires_grad for t in tensors.values())
+    bytes_forward = 0 if work.is_view else input_bytes + output_bytes + weight_bytes
+    # Backward-input reads the output grad and what was saved, and writes the input grads:
+    # about the forward's traffic. Backward-weight reads the output grad and writes weight grads.
+    bytes_b = bytes_forward if work.has_input_grad else 0
+    bytes_w = output_bytes + 2 * weight_bytes if trainable else 0
+    return NodeCost(
+        flops_forward=work.flops_forward,
+        flops_backward_input=work.flops_backward_input,
+        flops_backward_weight=work.flops_backward_weight,
+        bytes_forward=bytes_forward,
+        output_bytes=output_bytes,
+        saved_bytes=work.saved_bytes,
+        param_names=names,
+        forward_ms=device.compute_ms(work.flops_forward, bytes_forward),
+        backward_input_ms=device.compute_ms(work.flops_backward_input, bytes_b) if work.has_input_grad else 0.0,
+        backward_weight_ms=device.compute_ms(work.flops_backward_weight, bytes_w) if trainable else 0.0,
+    )
+
+
+def _measure(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], mode: FakeTensorMode) -> _Work:
+    """Run one node forward and backward on fake tensors, counting FLOPs and saved bytes."""
+    try:
+        with mode:
+            return _measure_in_mode(gm, node, needs_grad)
+    except Exception as err:  # an op without a fake kernel or a backward: fall back to bytes only
+        log.debug("cost of %s estimated from bytes only: %s", node.name, err)
+        return _Work(0, 0, 0, tensor_bytes(node), False, node.name in needs_grad)
+
+
+def _fresh(value: object, requires_grad: bool) -> object:
+    if isinstance(value, torch.Tensor):
+        fresh = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        return fresh.requires_grad_(requires_grad and fresh.dtype.is_floating_point)
+    return value
+
+
+def _measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) -> _Work:
+    activations: list[torch.Tensor] = []
+    params: dict[str, torch.Tensor] = {}
+
+    def load(arg: fx.Node) -> object:
+        if arg.op == "get_attr":
+            real = _attr(gm, str(arg.target))
+            fake = _fresh(real, isinstance(real, torch.Tensor) and real.requires_grad)
+            params[str(arg.target)] = fake
+            return fake
+        value = tree_map(lambda v: _fresh(v, arg.name in needs_grad), arg.meta.get("val"))
+        activations.extend(v for v in tree_leaves(value) if isinstance(v, torch.Tensor) and v.requires_grad)
+        return value
+
+    args = fx.node.map_arg(node.args, load)
+    kwargs = fx.node.map_arg(node.kwargs, load)
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        module_tensors = {n: _fresh(t, t.requires_grad) for n, t in
+                          list(module.named_parameters()) + list(module.named_buffers())}
+        params.update(module_tensors)
+        call = lambda: functional_call(module, module_tensors, tuple(args), dict(kwargs))  # noqa: E731
+    elif node.op == "call_method":
+        call = lambda: getattr(args[0], str(node.target))(*args[1:], **kwargs)  # noqa: E731
+    else:
+        call = lambda: node.target(*args, **kwargs)  # noqa: E731
+
+    param_storages = {StorageWeakRef(t.untyped_storage()) for t in params.values() if isinstance(t, torch.Tensor)}
+    input_storages = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    saved: dict[StorageWeakRef, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in param_storages:
+            saved[ref] = max(saved.get(ref, 0), t.numel() * t.element_size())
+        return t
+
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call()
+    flops_forward = counter.get_total_flops()
+    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    is_view = bool(outputs) and all(StorageWeakRef(t.untyped_storage()) in input_storages for t in outputs)
+    differentiable = [t for t in outputs if t.requires_grad]
+    trainable = [t for t in params.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    flops_b = _backward_flops(differentiable, activations)
+    flops_w = _backward_flops(differentiable, trainable)
+    return _Work(flops_forward, flops_b, flops_w, sum(saved.values()), is_view,
+                 bool(activations) and bool(differentiable))
+
+
+def _backward_flops(outputs: list[torch.Tensor], wrt: list[torch.Tensor]) -> int:
+    if not outputs or not wrt:
+        return 0
+    grads = [torch.empty_like(o) for o in outputs]
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.grad(outputs, wrt, grads, retain_graph=True, allow_unused=True)
+    return counter.get_total_flops()
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)

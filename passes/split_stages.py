@@ -1,0 +1,160 @@
+"""Split stages: one forward GraphModule per stage with a typed, static-shape boundary.
+
+Stage s receives, from stage s-1 only, every tensor made before it that it or a later stage
+reads (a skip connection is relayed stage to stage, so communication stays between
+neighbours). Model inputs and the target are read locally: every rank is handed them.
+Constants that cross a cut (sizes at micro-batch shape) are inlined, not sent.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import fx
+
+from pipecc.costs import CostTable
+from pipecc.errors import PartitionError
+from pipecc.ir import Captured, InputKind, ParamBinding, Partition, Stage, StageCost, StageInput, StageOutput, TensorSpec
+from pipecc.passes.graph_facts import ValueKind, compute_nodes, grad_nodes, output_node, value_kind
+from pipecc.passes.partition import InFlight, PartitionProblem, partition_problem
+
+
+def split_stages(captured: Captured, partition: Partition, costs: CostTable, *,
+                 stage_to_rank: Sequence[int], in_flight: InFlight) -> tuple[Stage, ...]:
+    """One Stage per partition stage, each with its own GraphModule sharing the model's parameters."""
+    gm = captured.graph_module
+    needs_grad = grad_nodes(gm)
+    crossing = _crossing_values(gm, partition)
+    problem = partition_problem(captured, costs)
+    bounds = _bounds(problem.node_names, partition)
+    stages = []
+    for s in range(partition.num_stages):
+        received = crossing[s]
+        sent = crossing[s + 1] if s + 1 < partition.num_stages else [output_node(gm).args[0]]
+        module, inputs = _stage_module(captured, partition, s, received, sent, needs_grad)
+        outputs = tuple(StageOutput(n.name, _spec(n, needs_grad)) for n in sent)
+        start, stop = bounds[s], bounds[s + 1]
+        cost = _stage_cost(problem, costs, start, stop, in_flight(s), sum(o.spec.num_bytes for o in outputs),
+                           sum(p.numel() for p in module.parameters()))
+        stages.append(Stage(
+            index=s,
+            rank=stage_to_rank[s],
+            node_names=problem.node_names[start:stop],
+            inputs=inputs,
+            outputs=outputs,
+            params=_bindings(module, captured),
+            cost=cost,
+            graph=module,
+        ))
+    return tuple(stages)
+
+
+def _bounds(node_names: Sequence[str], partition: Partition) -> list[int]:
+    bounds = [0]
+    for i in range(1, len(node_names)):
+        if partition.stage_of[node_names[i]] != partition.stage_of[node_names[i - 1]]:
+            bounds.append(i)
+    bounds.append(len(node_names))
+    return bounds
+
+
+def _crossing_values(gm: fx.GraphModule, partition: Partition) -> list[list[fx.Node]]:
+    """Per stage s, the tensors made by stages < s and read by stage >= s (or by the output)."""
+    last = partition.num_stages
+    crossing: list[list[fx.Node]] = [[] for _ in range(last)]
+    for node in compute_nodes(gm):
+        if value_kind(node) is not ValueKind.TENSOR:
+            continue
+        made = partition.stage_of[node.name]
+        read = max((partition.stage_of.get(u.name, last - 1) for u in node.users), default=made)
+        for s in range(made + 1, read + 1):
+            crossing[s].append(node)
+    return crossing
+
+
+def _spec(node: fx.Node, needs_grad: set[str]) -> TensorSpec:
+    return TensorSpec.of(node.meta["val"], requires_grad=node.name in needs_grad)
+
+
+def _stage_module(captured: Captured, partition: Partition, stage: int, received: list[fx.Node],
+                  sent: list[fx.Node], needs_grad: set[str]) -> tuple[fx.GraphModule, tuple[StageInput, ...]]:
+    gm = captured.graph_module
+    graph = fx.Graph()
+    env: dict[fx.Node, object] = {}
+    inputs: list[StageInput] = []
+    for node in received:
+        env[node] = graph.placeholder(node.name)
+        inputs.append(StageInput(node.name, InputKind.ACTIVATION, _spec(node, needs_grad)))
+    members = [n for n in compute_nodes(gm) if partition.stage_of[n.name] == stage]
+    member_set = set(members)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    used = {a for n in members for a in n.all_input_nodes} | set(sent)
+    for position, node in enumerate(placeholders):
+        if node not in used:
+            continue
+        env[node] = graph.placeholder(node.name)
+        kind = InputKind.TARGET if node.name == captured.target_name else InputKind.MODEL_INPUT
+        inputs.append(StageInput(node.name, kind, _spec(node, needs_grad), position if kind is InputKind.MODEL_INPUT else -1))
+
+    def lookup(node: fx.Node) -> object:
+        if node in env:
+            return env[node]
+        if node.op == "get_attr":
+            env[node] = graph.get_attr(str(node.target))
+            return env[node]
+        if node not in member_set and value_kind(node) is ValueKind.CONSTANT:
+            return node.meta["val"]  # static at micro-batch shape: inline it
+        raise PartitionError(f"stage {stage} reads {node.name}, which no earlier stage sends.")
+
+    for node in members:
+        env[node] = graph.node_copy(node, lookup)
+    graph.output(tuple(lookup(n) for n in sent))
+    module = fx.GraphModule(gm, graph, class_name=f"Stage{stage}")
+    return module, tuple(inputs)
+
+
+def _bindings(module: fx.GraphModule, captured: Captured) -> tuple[ParamBinding, ...]:
+    bindings = [ParamBinding(name, captured.canonical_names.get(name, name), True)
+                for name, _ in module.named_parameters(remove_duplicate=False)]
+    bindings += [ParamBinding(name, captured.canonical_names.get(name, name), False)
+                 for name, _ in module.named_buffers(remove_duplicate=False)]
+    return tuple(bindings)
+
+
+def _stage_cost(problem: PartitionProblem, costs: CostTable, start: int, stop: int, in_flight: int,
+                bytes_to_next: int, num_params: int) -> StageCost:
+    names = problem.node_names[start:stop]
+    device = costs.device
+    outgoing = [v for v in problem.values if v.producer < stop <= v.last_use and stop < problem.num_nodes]
+    incoming = [v for v in problem.values if v.producer < start <= v.last_use and start > 0]
+    return StageCost(
+        num_nodes=len(names),
+        num_params=num_params,
+        flops=sum(costs[n].flops_forward for n in names),
+        param_bytes=problem.stage_param_bytes(start, stop),
+        forward_ms=sum(costs[n].forward_ms for n in names),
+        backward_input_ms=sum(costs[n].backward_input_ms for n in names),
+        backward_weight_ms=sum(costs[n].backward_weight_ms for n in names),
+        send_forward_ms=device.transfer_ms(sum(v.forward_bytes for v in outgoing),
+                                           sum(1 for v in outgoing if v.forward_bytes)),
+        send_backward_ms=device.transfer_ms(sum(v.grad_bytes for v in incoming),
+                                            sum(1 for v in incoming if v.grad_bytes)),
+        bytes_to_next=bytes_to_next if stop < problem.num_nodes else 0,
+        saved_bytes=sum(problem.saved_bytes[start:stop]) + problem.activation_bytes(start),
+        memory_bytes=problem.stage_memory_bytes(start, stop, in_flight),
+        comm_ms=problem.comm_ms(start) + problem.comm_ms(stop),
+    )
+
+
+def check_stages(stages: Sequence[Stage]) -> None:
+    """Raise PartitionError unless each stage receives exactly what its predecessor sends."""
+    for prev, stage in zip(stages, stages[1:]):
+        sent = [(o.name, o.spec) for o in prev.outputs]
+        received = [(i.name, i.spec) for i in stage.activation_inputs]
+        if sent != received:
+            raise PartitionError(f"stage {stage.index} expects {received} but stage {prev.index} sends {sent}.")
+    if stages and stages[0].activation_inputs:
+        raise PartitionError("stage 0 expects activations, but nothing comes before it.")
+    loss = stages[-1].outputs
+    if len(loss) != 1 or loss[0].spec.shape not in ((), (1,)):
+        raise PartitionError(f"the last stage must return the scalar loss, not {loss}.")

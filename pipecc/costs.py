@@ -1,0 +1,152 @@
+"""Cost data: what a device can do and what every graph node costs on it.
+
+Data only; the estimators live in `pipecc.passes.annotate_costs`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from pipecc.errors import ConfigError
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Roofline description of one rank: compute, memory and the link to its neighbours.
+
+    >>> DeviceSpec.preset("a100").peak_flops
+    19500000000000.0
+    """
+
+    name: str
+    peak_flops: float  # float32 FLOP/s the device sustains on large matmuls
+    memory_bandwidth_bytes_per_s: float
+    link_bandwidth_bytes_per_s: float  # point-to-point, rank to next rank
+    link_latency_ms: float  # per message
+    memory_capacity_bytes: int
+    op_overhead_ms: float  # fixed cost per graph node (dispatch, kernel launch)
+
+    def compute_ms(self, flops: float, bytes_moved: float) -> float:
+        """Roofline time of one op: the slower of its compute and its memory traffic."""
+        if flops == 0 and bytes_moved == 0:
+            return 0.0
+        seconds = max(flops / self.peak_flops, bytes_moved / self.memory_bandwidth_bytes_per_s)
+        return seconds * 1e3 + self.op_overhead_ms
+
+    def transfer_ms(self, num_bytes: float, num_messages: int) -> float:
+        """Time to move `num_bytes` in `num_messages` point-to-point messages."""
+        if num_messages == 0:
+            return 0.0
+        return num_messages * self.link_latency_ms + num_bytes / self.link_bandwidth_bytes_per_s * 1e3
+
+    @staticmethod
+    def preset(name: str) -> DeviceSpec:
+        """The built-in spec called `name` ("cpu", "a100" or "h100")."""
+        try:
+            return DEVICE_PRESETS[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown device {name!r}; built-in devices are {', '.join(sorted(DEVICE_PRESETS))}.\n"
+                "Pass one of those, a DeviceSpec, or the path of a device JSON file."
+            ) from None
+
+    @staticmethod
+    def load(path: str | Path) -> DeviceSpec:
+        """Read a DeviceSpec from a JSON file with the same field names."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return DeviceSpec(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise ConfigError(
+                f"cannot read device spec {str(path)!r}: {err}.\n"
+                f"A device JSON has the fields {', '.join(DeviceSpec.__dataclass_fields__)}."
+            ) from None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def resolve_device(device: DeviceSpec | str) -> DeviceSpec:
+    """A DeviceSpec from a spec, a preset name, or a JSON path."""
+    if isinstance(device, DeviceSpec):
+        return device
+    if device in DEVICE_PRESETS:
+        return DEVICE_PRESETS[device]
+    if device.endswith(".json"):
+        return DeviceSpec.load(device)
+    return DeviceSpec.preset(device)
+
+
+DEVICE_PRESETS: Mapping[str, DeviceSpec] = {
+    # One core of a current x86 server with MKL-DNN float32, gloo over loopback TCP.
+    # Order-of-magnitude values; `pipecc calibrate` fits them to a machine.
+    "cpu": DeviceSpec(
+        name="cpu",
+        peak_flops=50e9,
+        memory_bandwidth_bytes_per_s=10e9,
+        link_bandwidth_bytes_per_s=2e9,
+        link_latency_ms=0.05,
+        memory_capacity_bytes=24 * GiB,
+        op_overhead_ms=0.01,
+    ),
+    # NVIDIA A100 SXM 80GB: float32 (non-TF32) peak, HBM2e, NVLink3 per direction.
+    "a100": DeviceSpec(
+        name="a100",
+        peak_flops=19.5e12,
+        memory_bandwidth_bytes_per_s=2.0e12,
+        link_bandwidth_bytes_per_s=300e9,
+        link_latency_ms=0.01,
+        memory_capacity_bytes=80 * GiB,
+        op_overhead_ms=0.005,
+    ),
+    # NVIDIA H100 SXM: float32 peak, HBM3, NVLink4 per direction.
+    "h100": DeviceSpec(
+        name="h100",
+        peak_flops=67e12,
+        memory_bandwidth_bytes_per_s=3.35e12,
+        link_bandwidth_bytes_per_s=450e9,
+        link_latency_ms=0.008,
+        memory_capacity_bytes=80 * GiB,
+        op_overhead_ms=0.004,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """What one graph node costs: work, bytes and estimated times for F, B and W."""
+
+    flops_forward: int
+    flops_backward_input: int
+    flops_backward_weight: int
+    bytes_forward: int  # bytes read + written by the forward op
+    output_bytes: int
+    saved_bytes: int  # activations autograd keeps for backward (parameters excluded)
+    param_names: tuple[str, ...]  # canonical names of the parameters the node reads
+    forward_ms: float
+    backward_input_ms: float
+    backward_weight_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.forward_ms + self.backward_input_ms + self.backward_weight_ms
+
+
+ZERO_COST = NodeCost(0, 0, 0, 0, 0, 0, (), 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Per-node costs keyed by fx node name, plus parameter sizes keyed by canonical name."""
+
+    device: DeviceSpec
+    nodes: Mapping[str, NodeCost]
+    param_bytes: Mapping[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, node_name: str) -> NodeCost:
+        return self.nodes.get(node_name, ZERO_COST)

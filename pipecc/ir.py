@@ -1,0 +1,194 @@
+"""The values the passes hand each other: frozen dataclasses and enums.
+
+Data flow: Captured -> CostTable -> Partition -> tuple[Stage] -> Schedule -> Plan.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import fx, nn
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the user chose for one compile."""
+
+    num_stages: int
+    num_microbatches: int
+    schedule: str = "1f1b"
+    device: str = "cpu"  # preset name or device JSON path, as given
+    max_memory_bytes: int | None = None
+    num_ranks: int | None = None  # defaults to the schedule's placement (one stage per rank)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Static shape and dtype of one tensor at micro-batch size."""
+
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+    requires_grad: bool
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def num_bytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.torch_dtype.itemsize
+
+    @staticmethod
+    def of(tensor: torch.Tensor, requires_grad: bool) -> TensorSpec:
+        return TensorSpec(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), requires_grad)
+
+
+class InputKind(enum.Enum):
+    MODEL_INPUT = "model_input"  # a positional input of the user's model (every rank has it)
+    TARGET = "target"  # the loss target (every rank has it)
+    ACTIVATION = "activation"  # received from the previous stage
+
+
+@dataclass(frozen=True)
+class StageInput:
+    name: str  # fx node name in the captured graph
+    kind: InputKind
+    spec: TensorSpec
+    input_index: int = -1  # position among the model inputs, for MODEL_INPUT
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    name: str
+    spec: TensorSpec
+
+
+@dataclass(frozen=True)
+class ParamBinding:
+    """A parameter or buffer of a stage module: its name there and in the user's model."""
+
+    local_name: str
+    canonical_name: str
+    is_parameter: bool  # False for buffers
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Estimated cost of one stage for one micro-batch."""
+
+    num_nodes: int
+    num_params: int  # parameter elements (a tied parameter counts once per stage that holds it)
+    flops: int  # forward FLOPs
+    param_bytes: int
+    forward_ms: float
+    backward_input_ms: float
+    backward_weight_ms: float
+    send_forward_ms: float  # activations to the next stage
+    send_backward_ms: float  # gradients to the previous stage
+    bytes_to_next: int
+    saved_bytes: int  # activations kept per in-flight micro-batch
+    memory_bytes: int  # weights + grads + in-flight activations under the plan's schedule
+    comm_ms: float  # moving activations and gradients across both of its boundaries
+
+    @property
+    def compute_ms(self) -> float:
+        return self.forward_ms + self.backward_input_ms + self.backward_weight_ms
+
+    @property
+    def time_ms(self) -> float:
+        """What the partitioner balances: compute plus traffic at both ends, per micro-batch."""
+        return self.compute_ms + self.comm_ms
+
+
+@dataclass(frozen=True)
+class Partition:
+    """node name -> stage index, for every compute node; stages are contiguous in graph order."""
+
+    num_stages: int
+    stage_of: Mapping[str, int]
+    bottleneck_ms: float  # the objective the partitioner minimised
+
+    def nodes_of(self, stage: int) -> tuple[str, ...]:
+        return tuple(name for name, s in self.stage_of.items() if s == stage)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: which rank runs it, which graph nodes it holds, its typed boundary."""
+
+    index: int
+    rank: int
+    node_names: tuple[str, ...]
+    inputs: tuple[StageInput, ...]  # the stage module's positional arguments, in order
+    outputs: tuple[StageOutput, ...]  # what its forward returns, in order (the loss, last stage)
+    params: tuple[ParamBinding, ...]
+    cost: StageCost
+    graph: nn.Module = field(compare=False, repr=False)  # fx.GraphModule, or an emitted module
+
+    @property
+    def activation_inputs(self) -> tuple[StageInput, ...]:
+        return tuple(i for i in self.inputs if i.kind is InputKind.ACTIVATION)
+
+
+class ActionKind(enum.Enum):
+    F = "F"  # forward
+    B = "B"  # backward for the stage inputs
+    W = "W"  # backward for the weights
+    BW = "BW"  # both backward parts, fused
+    SEND_F = "SEND_F"
+    RECV_F = "RECV_F"
+    SEND_B = "SEND_B"
+    RECV_B = "RECV_B"
+
+    @property
+    def is_compute(self) -> bool:
+        return self in (ActionKind.F, ActionKind.B, ActionKind.W, ActionKind.BW)
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One thing a rank does: printed `{stage}{kind}{microbatch}`, e.g. `0F3`, `1SEND_F0`."""
+
+    stage: int
+    kind: ActionKind
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind.value}{self.microbatch}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per rank, the ordered actions of one training step."""
+
+    name: str
+    num_stages: int
+    num_microbatches: int
+    stage_to_rank: tuple[int, ...]
+    rank_actions: tuple[tuple[Action, ...], ...]
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.rank_actions)
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        return tuple(s for s, r in enumerate(self.stage_to_rank) if r == rank)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A traced model+loss: one graph whose output is the scalar loss of one micro-batch."""
+
+    graph_module: fx.GraphModule
+    input_names: tuple[str, ...]  # placeholders of the model inputs, in call order
+    target_name: str
+    batch_size: int
+    microbatch_size: int
+    canonical_names: Mapping[str, str]  # qualified name in graph_module -> name in the user's model
+    method: str  # "symbolic_trace", "export(strict=False)" or "export(strict=True)"

@@ -1,0 +1,75 @@
+"""compile_plan(): the passes in data-flow order, each checked by its verifier."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from pipecc.costs import DeviceSpec, resolve_device
+from pipecc.errors import ConfigError, PipeccError
+from pipecc.ir import Config
+from pipecc.passes.annotate_costs import annotate_costs
+from pipecc.passes.capture import capture
+from pipecc.passes.partition import check_partition, partition
+from pipecc.passes.schedules import schedule_kind
+from pipecc.passes.schedules.verify import check_schedule
+from pipecc.passes.split_stages import check_stages, split_stages
+from pipecc.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def pass_context(name: str) -> Iterator[None]:
+    """Log the pass's time; an error escaping it gets a note naming the pass."""
+    start = time.perf_counter()
+    try:
+        yield
+    except PipeccError as err:
+        err.add_note(f"(in pass {name})")
+        raise
+    log.info("pass %s took %.3f s", name, time.perf_counter() - start)
+
+
+def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
+                 example_target: torch.Tensor, config: Config, device: DeviceSpec | str = "cpu") -> Plan:
+    """Trace, cost, partition, schedule and split `model` into a runnable Plan."""
+    check_config(config)
+    spec = resolve_device(device)
+    kind = schedule_kind(config.schedule)
+    num_stages, m = config.num_stages, config.num_microbatches
+
+    def in_flight(stage: int) -> int:
+        return kind.in_flight(num_stages, m, stage)
+
+    with pass_context("capture"):
+        captured = capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
+    with pass_context("annotate_costs"):
+        costs = annotate_costs(captured, spec)
+    with pass_context("schedule"):
+        schedule = kind.generate(num_stages, m)
+        check_schedule(schedule)
+    with pass_context("partition"):
+        part = partition(captured, costs, num_stages=num_stages, max_memory_bytes=config.max_memory_bytes,
+                         in_flight=in_flight)
+        check_partition(captured, part)
+    with pass_context("split_stages"):
+        stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight)
+        check_stages(stages)
+    return Plan(config=config, device=spec, stages=stages, schedule=schedule,
+                input_specs=Plan.batch_specs(example_inputs), target_spec=Plan.batch_specs([example_target])[0],
+                capture_method=captured.method)
+
+
+def check_config(config: Config) -> None:
+    for field in ("num_stages", "num_microbatches"):
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{field}={value!r}; it must be a positive integer.")
+    if config.max_memory_bytes is not None and config.max_memory_bytes <= 0:
+        raise ConfigError(f"max_memory_bytes={config.max_memory_bytes}; it must be positive (or None for no limit).")

@@ -1,0 +1,102 @@
+"""Plan: the compiled pipeline, and what a user does with it (report, run, save, emit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from pipecc.costs import DeviceSpec
+from pipecc.errors import ConfigError
+from pipecc.ir import Config, Schedule, Stage, TensorSpec
+from pipecc.printing import format_schedule, format_stage_table, imbalance
+
+
+class Plan:
+    """A model cut into pipeline stages, with a schedule saying what each rank does when."""
+
+    def __init__(self, *, config: Config, device: DeviceSpec, stages: Sequence[Stage], schedule: Schedule,
+                 input_specs: Sequence[TensorSpec], target_spec: TensorSpec, capture_method: str) -> None:
+        self.config = config
+        self.device = device
+        self.stages = tuple(stages)
+        self.schedule = schedule
+        self.input_specs = tuple(input_specs)  # at full batch size
+        self.target_spec = target_spec
+        self.capture_method = capture_method
+
+    @property
+    def num_ranks(self) -> int:
+        return self.schedule.num_ranks
+
+    @staticmethod
+    def batch_specs(tensors: Sequence[torch.Tensor]) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec.of(t, requires_grad=False) for t in tensors)
+
+    def report(self) -> str:
+        """The per-stage table, the imbalance, and the schedule."""
+        c = self.config
+        lines = [
+            f"pipecc plan: {len(self.stages)} stages on {self.num_ranks} ranks, schedule {self.schedule.name}, "
+            f"{c.num_microbatches} micro-batches of {self.input_specs[0].shape[0] // c.num_microbatches if self.input_specs else '?'}, "
+            f"device {self.device.name}, captured by {self.capture_method}",
+            "",
+            format_stage_table(self.stages),
+            "",
+            f"imbalance (max/mean stage time): {imbalance(self.stages):.3f}",
+            "",
+            "schedule:",
+            format_schedule(self.schedule),
+        ]
+        return "\n".join(lines)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every parameter of every stage, once, under its name in the original model."""
+        seen: set[str] = set()
+        for stage in self.stages:
+            params = dict(stage.graph.named_parameters(remove_duplicate=False))
+            for binding in stage.params:
+                if binding.is_parameter and binding.canonical_name not in seen:
+                    seen.add(binding.canonical_name)
+                    yield binding.canonical_name, params[binding.local_name]
+
+    def check_inputs(self, inputs: Sequence[torch.Tensor], target: torch.Tensor) -> None:
+        """ConfigError unless the inputs and target have the shapes and dtypes the plan was compiled for."""
+        if len(inputs) != len(self.input_specs):
+            raise ConfigError(f"the plan takes {len(self.input_specs)} inputs, got {len(inputs)}.\n"
+                              "Pass the same inputs as the example_inputs given to pipecc.compile.")
+        named = [(f"input {i}", t, s) for i, (t, s) in enumerate(zip(inputs, self.input_specs))]
+        for name, tensor, spec in named + [("target", target, self.target_spec)]:
+            if not isinstance(tensor, torch.Tensor):
+                raise ConfigError(f"{name} is a {type(tensor).__name__}, not a tensor.")
+            got = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+            if got != (spec.shape, spec.dtype):
+                raise ConfigError(
+                    f"{name} has shape {got[0]} and dtype {got[1]}, but the plan was compiled for "
+                    f"shape {spec.shape} and dtype {spec.dtype}.\n"
+                    "Shapes are static in a plan: compile again for the new shape, or pad the batch."
+                )
+
+    def run_local(self, *inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One training step of every rank in this process; returns the batch loss. Gradients
+        accumulate in the parameters' .grad, exactly as loss.backward() on the whole model would."""
+        from pipecc.runtime.local import run_local
+
+        self.check_inputs(inputs, target)
+        return run_local(self.stages, self.schedule, inputs, target)
+
+    def runner(self, *, timeout_s: float = 300.0) -> "DistRunner":  # noqa: F821
+        """The runner for this process's rank (needs an initialised torch.distributed group)."""
+        from pipecc.runtime.dist import DistRunner
+
+        return DistRunner(self.stages, self.schedule, timeout_s=timeout_s, validate=self.check_inputs)
+
+    def emit(self, directory: str | Path) -> Path:
+        """Write plan.json, one Python module per rank and one weight shard per rank into `directory`."""
+        from pipecc.passes.codegen import emit
+
+        return emit(self, Path(directory))
+
+    save = emit

@@ -1,0 +1,1 @@
+"""Runtimes: all ranks in one process (local) or one rank per process (torch.distributed)."""
