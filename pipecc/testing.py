@@ -6,17 +6,14 @@ Used by pipecc's own tests and meant for users checking their own models the sam
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import tempfile
-import traceback
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from pipecc.runtime.launch import free_port, spawn_local
+
+__all__ = ["reference_step", "assert_same_grads", "assert_same_step", "run_ranks", "free_port"]
 
 RTOL = 1e-5
 ATOL = 1e-6  # gradients near zero: summation order alone moves them by ~1e-8
@@ -63,47 +60,10 @@ def assert_same_step(model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: 
     assert_same_grads(grads, expected)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., object], args: tuple,
-               out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    result: object
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(*args)
-    except BaseException as err:  # reported to the parent, which raises it
-        result = RankFailure(rank, f"{type(err).__name__}: {err}", traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-
-
-class RankFailure:
-    """What a rank raised, carried back to the launching process."""
-
-    def __init__(self, rank: int, message: str, trace: str) -> None:
-        self.rank, self.message, self.trace = rank, message, trace
-
-
 def run_ranks(fn: Callable[..., object], world_size: int, *args: object) -> list[object]:
     """Run `fn(*args)` on `world_size` fresh gloo processes on 127.0.0.1; their results by rank.
 
     `fn` must be importable (a module-level function); each process has torch.distributed
     initialised and one intra-op thread. A rank that raises makes this raise, with its traceback.
     """
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-                           join=True, start_method="spawn")
-        results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-    failures = [r for r in results if isinstance(r, RankFailure)]
-    if failures:
-        first = failures[0]
-        raise AssertionError(f"rank {first.rank} failed: {first.message}\n{first.trace}")
-    return results
+    return spawn_local(fn, world_size, *args)

@@ -1,0 +1,68 @@
+"""Local launches: N gloo processes on 127.0.0.1 running one function, results back by rank.
+
+For trying a plan on one machine (`pipecc run`) and for tests; multi-node runs use torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipecc.errors import PipelineRuntimeError
+
+
+class RankFailure:
+    """What a rank raised, carried back to the launching process."""
+
+    def __init__(self, rank: int, message: str, trace: str) -> None:
+        self.rank, self.message, self.trace = rank, message, trace
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., object], args: tuple,
+               out_dir: str, num_threads: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(num_threads)
+    result: object
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(*args)
+    except BaseException as err:  # reported to the parent, which raises it
+        result = RankFailure(rank, f"{type(err).__name__}: {err}", traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def spawn_local(fn: Callable[..., object], world_size: int, *args: object, num_threads: int = 1) -> list[object]:
+    """Run `fn(*args)` on `world_size` fresh gloo processes on 127.0.0.1; their results by rank.
+
+    `fn` must be importable (a module-level function). Each process has torch.distributed
+    initialised and `num_threads` intra-op threads. If a rank raises, PipelineRuntimeError
+    names it and carries its traceback.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_rank_main, args=(world_size, free_port(), fn, args, out_dir, num_threads),
+                           nprocs=world_size, join=True, start_method="spawn")
+        results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    failures = [r for r in results if isinstance(r, RankFailure)]
+    if failures:
+        first = failures[0]
+        err = PipelineRuntimeError(f"rank {first.rank} failed: {first.message}")
+        err.add_note(first.trace)
+        raise err
+    return results
