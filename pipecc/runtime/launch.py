@@ -36,15 +36,16 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., object],
                out_dir: str, num_threads: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(num_threads)
-    result: object
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(*args)
     except BaseException as err:  # reported to the parent, which raises it
-        result = RankFailure(rank, f"{type(err).__name__}: {err}", traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        failure = RankFailure(rank, f"{type(err).__name__}: {err}", traceback.format_exc())
+        torch.save(failure, Path(out_dir) / f"rank{rank}.pt")
+        # Exit at once without tearing down the group: the parent sees the exit code and
+        # terminates the other ranks instead of letting them wait for this one's messages.
+        os._exit(1)
+    dist.destroy_process_group()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -56,13 +57,23 @@ def spawn_local(fn: Callable[..., object], world_size: int, *args: object, num_t
     names it and carries its traceback.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(world_size, free_port(), fn, args, out_dir, num_threads),
-                           nprocs=world_size, join=True, start_method="spawn")
-        results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-    failures = [r for r in results if isinstance(r, RankFailure)]
-    if failures:
-        first = failures[0]
-        err = PipelineRuntimeError(f"rank {first.rank} failed: {first.message}")
-        err.add_note(first.trace)
-        raise err
-    return results
+        try:
+            mp.start_processes(_rank_main, args=(world_size, free_port(), fn, args, out_dir, num_threads),
+                               nprocs=world_size, join=True, start_method="spawn")
+        except mp.ProcessExitedException as exited:
+            raise _failure(Path(out_dir), world_size, exited) from None
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _failure(out_dir: Path, world_size: int, exited: mp.ProcessExitedException) -> PipelineRuntimeError:
+    """The error of the first rank that reported one, else of the rank whose exit was seen."""
+    for rank in range(world_size):
+        path = out_dir / f"rank{rank}.pt"
+        if path.exists():
+            result = torch.load(path, weights_only=False)
+            if isinstance(result, RankFailure):
+                err = PipelineRuntimeError(f"rank {result.rank} failed: {result.message}")
+                err.add_note(result.trace)
+                return err
+    return PipelineRuntimeError(f"rank {exited.error_index} exited with code {exited.exit_code} "
+                                "without reporting an error (killed, or out of memory?).")
