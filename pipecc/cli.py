@@ -126,7 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     history = spawn_local(_train_rank, args.ranks, args.model, args.ranks, args.microbatches, args.schedule,
                           args.device, args.steps, args.lr)[-1]
     times = sorted(ms for _, ms in history[1:]) or [history[0][1]]
-    print(f"median step time {times[len(times) // 2]:.1f} ms (first step, with warm-up, excluded); "
+    measured = times[len(times) // 2]
+    predicted = plan.simulate().step_time_ms
+    print(f"median step time {measured:.1f} ms (first step, with warm-up, excluded); "
+          f"predicted {predicted:.1f} ms on device spec {plan.device.name!r} (measured/predicted {measured / predicted:.2f}); "
           f"final loss {history[-1][0]:.6f}")
     return 0
 

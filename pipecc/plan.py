@@ -11,7 +11,7 @@ from torch import nn
 from pipecc.costs import DeviceSpec
 from pipecc.errors import ConfigError
 from pipecc.ir import Config, Schedule, Stage, TensorSpec
-from pipecc.printing import format_schedule, format_stage_table, imbalance
+from pipecc.printing import format_bytes, format_schedule, format_stage_table, imbalance
 
 
 class Plan:
@@ -46,11 +46,24 @@ class Plan:
             format_stage_table(self.stages),
             "",
             f"imbalance (max/mean stage time): {imbalance(self.stages):.3f}",
+            self._prediction(),
             "",
             "schedule:",
             format_schedule(self.schedule),
         ]
         return "\n".join(lines)
+
+    def simulate(self) -> "Timeline":  # noqa: F821
+        """The predicted timeline of one step (see pipecc.passes.simulate)."""
+        from pipecc.passes.simulate import simulate
+
+        return simulate(self.schedule, [s.cost for s in self.stages])
+
+    def _prediction(self) -> str:
+        timeline = self.simulate()
+        memory = ", ".join(format_bytes(b) for b in timeline.peak_memory_bytes)
+        return (f"predicted step time {timeline.step_time_ms:.3f} ms, bubble {100 * timeline.bubble_ratio:.1f}%, "
+                f"peak memory per rank {memory}")
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every parameter of every stage, once, under its name in the original model."""

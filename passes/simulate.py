@@ -1,0 +1,113 @@
+"""Simulate: a predicted timeline of one step from the schedule and the per-stage costs.
+
+Each rank runs its (lowered) actions in order. A compute action takes its stage's estimated
+time; a send costs the sender nothing (it is asynchronous) and its message arrives one
+transfer time later; a receive waits for that arrival. Memory: a rank holds its stages'
+weights and gradients throughout, and each micro-batch's saved activations from the end of
+its F until the end of its BW (or W when the backward is split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from pipecc.ir import Action, ActionKind, Schedule, StageCost
+from pipecc.passes.insert_comm import insert_comm
+from pipecc.passes.schedules.verify import execution_order
+
+
+@dataclass(frozen=True)
+class TimedAction:
+    rank: int
+    action: Action
+    start_ms: float
+    end_ms: float
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Predicted (or measured) timeline of one step."""
+
+    events: tuple[TimedAction, ...]
+    step_time_ms: float
+    busy_ms: tuple[float, ...]  # per rank: compute time
+    peak_memory_bytes: tuple[int, ...]  # per rank
+
+    @property
+    def idle_ms(self) -> tuple[float, ...]:
+        return tuple(self.step_time_ms - busy for busy in self.busy_ms)
+
+    @property
+    def bubble_ratio(self) -> float:
+        """Idle share of all ranks' time in the step."""
+        total = self.step_time_ms * len(self.busy_ms)
+        return sum(self.idle_ms) / total if total else 0.0
+
+
+def action_ms(action: Action, cost: StageCost) -> float:
+    """Time a compute action occupies its rank, or a message takes on the link."""
+    match action.kind:
+        case ActionKind.F:
+            return cost.forward_ms
+        case ActionKind.B:
+            return cost.backward_input_ms
+        case ActionKind.W:
+            return cost.backward_weight_ms
+        case ActionKind.BW:
+            return cost.backward_input_ms + cost.backward_weight_ms
+        case ActionKind.SEND_F:
+            return cost.send_forward_ms
+        case ActionKind.SEND_B:
+            return cost.send_backward_ms
+    return 0.0
+
+
+def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
+    """The predicted timeline of `schedule` when stage s costs `costs[s]` per micro-batch.
+
+    >>> from pipecc.passes.schedules.gpipe import gpipe
+    >>> unit = StageCost(1, 0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0.0, 0, 0, 0, 0.0)
+    >>> simulate(gpipe(2, 4), [unit, unit]).step_time_ms  # (m + p - 1) * (F + B + W)
+    15.0
+    """
+    lowered = insert_comm(schedule)
+    clock = [0.0] * schedule.num_ranks
+    arrival: dict[tuple[ActionKind, int, int], float] = {}  # (send kind, stage, mb) -> arrival time
+    events = []
+    for rank, action in execution_order(lowered):
+        cost = costs[action.stage]
+        start = clock[rank]
+        end = start
+        if action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
+            arrival[(action.kind, action.stage, action.microbatch)] = start + action_ms(action, cost)
+        elif action.kind is ActionKind.RECV_F:
+            end = max(start, arrival[(ActionKind.SEND_F, action.stage - 1, action.microbatch)])
+        elif action.kind is ActionKind.RECV_B:
+            end = max(start, arrival[(ActionKind.SEND_B, action.stage + 1, action.microbatch)])
+        else:
+            end = start + action_ms(action, cost)
+        clock[rank] = end
+        events.append(TimedAction(rank, action, start, end))
+    busy = [0.0] * schedule.num_ranks
+    for e in events:
+        if e.action.kind.is_compute:
+            busy[e.rank] += e.end_ms - e.start_ms
+    return Timeline(tuple(events), max(clock), tuple(busy), _peak_memory(schedule, events, costs))
+
+
+def _peak_memory(schedule: Schedule, events: Sequence[TimedAction], costs: Sequence[StageCost]) -> tuple[int, ...]:
+    peaks = []
+    for rank in range(schedule.num_ranks):
+        stages = schedule.stages_of(rank)
+        weights = sum(2 * costs[s].param_bytes for s in stages)
+        held = peak = 0
+        for e in sorted((e for e in events if e.rank == rank), key=lambda e: (e.end_ms, e.start_ms)):
+            saved = costs[e.action.stage].saved_bytes
+            if e.action.kind is ActionKind.F:
+                held += saved
+            elif e.action.kind in (ActionKind.BW, ActionKind.W):
+                held -= saved
+            peak = max(peak, held)
+        peaks.append(weights + peak)
+    return tuple(peaks)
