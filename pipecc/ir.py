@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
@@ -134,6 +134,17 @@ class Stage:
     @property
     def activation_inputs(self) -> tuple[StageInput, ...]:
         return tuple(i for i in self.inputs if i.kind is InputKind.ACTIVATION)
+
+
+def named_stage_parameters(stages: Iterable[Stage]) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters of `stages`, each once, under their names in the user's model."""
+    seen: set[str] = set()
+    for stage in stages:
+        params = dict(stage.graph.named_parameters(remove_duplicate=False))
+        for binding in stage.params:
+            if binding.is_parameter and binding.canonical_name not in seen:
+                seen.add(binding.canonical_name)
+                yield binding.canonical_name, params[binding.local_name]
 
 
 class ActionKind(enum.Enum):

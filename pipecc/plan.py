@@ -10,7 +10,7 @@ from torch import nn
 
 from pipecc.costs import DeviceSpec
 from pipecc.errors import ConfigError
-from pipecc.ir import Config, Schedule, Stage, TensorSpec
+from pipecc.ir import Config, Schedule, Stage, TensorSpec, named_stage_parameters
 from pipecc.printing import format_bytes, format_schedule, format_stage_table, imbalance
 
 
@@ -67,13 +67,7 @@ class Plan:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every parameter of every stage, once, under its name in the original model."""
-        seen: set[str] = set()
-        for stage in self.stages:
-            params = dict(stage.graph.named_parameters(remove_duplicate=False))
-            for binding in stage.params:
-                if binding.is_parameter and binding.canonical_name not in seen:
-                    seen.add(binding.canonical_name)
-                    yield binding.canonical_name, params[binding.local_name]
+        return named_stage_parameters(self.stages)
 
     def check_inputs(self, inputs: Sequence[torch.Tensor], target: torch.Tensor) -> None:
         """ConfigError unless the inputs and target have the shapes and dtypes the plan was compiled for."""

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipecc.errors import ConfigError, PipelineRuntimeError
-from pipecc.ir import Schedule, Stage, TensorSpec
+from pipecc.ir import Schedule, Stage, TensorSpec, named_stage_parameters
 from pipecc.passes.insert_comm import insert_comm
 from pipecc.runtime.executor import Message, RankExecutor, param_device
 
@@ -99,13 +99,7 @@ class DistRunner:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters, under their names in the original model (each once)."""
-        seen: set[str] = set()
-        for stage in self.local_stages:
-            params = dict(stage.graph.named_parameters(remove_duplicate=False))
-            for binding in stage.params:
-                if binding.is_parameter and binding.canonical_name not in seen:
-                    seen.add(binding.canonical_name)
-                    yield binding.canonical_name, params[binding.local_name]
+        return named_stage_parameters(self.local_stages)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, param in self.named_parameters():
