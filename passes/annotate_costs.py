@@ -114,7 +114,10 @@ def _signature(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) -> tuple
 
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        target: object = (type(module).__qualname__, repr(module),
+        # repr(module) leaves out some settings that change the work (MultiheadAttention hides
+        # num_heads, which sizes the saved attention weights), so every public attribute is keyed too.
+        settings = tuple(sorted((k, describe(v, False)) for k, v in vars(module).items() if not k.startswith("_")))
+        target: object = (type(module).__module__, type(module).__qualname__, repr(module), settings,
                           tuple(describe(t, t.requires_grad) for t in list(module.parameters()) + list(module.buffers())))
     else:
         target = (getattr(node.target, "__module__", None), getattr(node.target, "__qualname__", str(node.target)))

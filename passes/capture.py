@@ -17,11 +17,12 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 import pipecc.errors
 from pipecc.errors import CaptureError, ConfigError
 from pipecc.ir import Captured
+from pipecc.passes.graph_facts import CONSTANT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: L
         try:
             gm = trace(model, loss_fn, mb_inputs, mb_target)
             propagate_fake_values(gm, (*mb_inputs, mb_target))
+        except ConfigError:
+            raise  # bad input (a missing argument): no other tracer can fix it
         except Exception as err:  # every tracer reports failure differently; we report them all
             log.info("capture with %s failed: %s", method, err)
             failures.append((method, err))
@@ -78,12 +81,13 @@ def check_batch(example_inputs: Sequence[torch.Tensor], example_target: torch.Te
     for name, value in named:
         if not isinstance(value, torch.Tensor):
             raise ConfigError(
-                f"{name} is a {type(value).__name__}, but pipecc splits every input along dim 0 "
+                f"{name} is of type {type(value).__name__}, but pipecc splits every input along dim 0 "
                 "into micro-batches, so each must be a tensor.\n"
                 "Pass tensors only; fold constants (flags, sizes) into the model."
             )
         if value.dim() == 0:
-            raise ConfigError(f"{name} is a 0-d tensor; every input needs a batch dimension 0 to split.")
+            raise ConfigError(f"{name} is a 0-d tensor; every input needs a batch dimension 0 to split.\n"
+                              "Give it a leading batch dimension, or fold it into the model as a constant.")
     batch_size = example_inputs[0].shape[0] if example_inputs else example_target.shape[0]
     for name, value in named:
         if value.shape[0] != batch_size:
@@ -120,7 +124,13 @@ def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...
     if not isinstance(loss, fx.Proxy):
         raise CaptureError(f"loss_fn returned {type(loss).__name__}, not a tensor computed from the model output.")
     graph.output(loss.node)
-    return fx.GraphModule(model, graph)
+    gm = fx.GraphModule(model, graph)
+    if unused:
+        # Dropping the concrete_args guards can leave their inputs dead. DCE needs the owning
+        # module (to tell impure call_module nodes), so it runs on the GraphModule, not the Graph.
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return gm
 
 
 def _unsupplied_arguments(model: nn.Module, num_supplied: int) -> dict[str, object]:
@@ -154,7 +164,6 @@ def _drop_specialised_placeholders(graph: fx.Graph, unused: dict[str, object]) -
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and node.target in guards and not node.all_input_nodes:
             graph.erase_node(node)
-    graph.eliminate_dead_code()
 
 
 class _ModelWithLoss(nn.Module):
@@ -173,11 +182,26 @@ def _trace_export(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor,
     exported = torch.export.export(wrapper, (*inputs, target), strict=strict)
     gm = exported.module()
     _share_parameters(gm, wrapper)
-    graph = gm.graph
-    # The unlifted module checks pytree specs in its own codegen; a plain graph is all we need.
-    plain = fx.GraphModule(gm, graph)
-    plain.graph.lint()
-    return plain
+    return fx.GraphModule(gm, _plain_graph(gm.graph))
+
+
+def _plain_graph(graph: fx.Graph) -> fx.Graph:
+    """The unlifted export graph with plain calling conventions: positional tensors in, the loss out.
+
+    export's module flattens its inputs and re-packs its outputs through pytree specs in its
+    codegen, returns a 1-tuple, and calls a `_guards_fn` submodule that re-checks input shapes
+    (pipecc checks those itself, in Plan.check_inputs). The graph the passes see has none of that.
+    """
+    graph._codegen = fx.graph.CodeGen()
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards") and not node.users:
+            graph.erase_node(node)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    value = output.args[0]
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        output.args = (value[0],)
+    graph.lint()
+    return graph
 
 
 def _trace_export_nonstrict(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...],
@@ -205,10 +229,22 @@ def _share_parameters(gm: nn.Module, original: nn.Module) -> None:
             owner._buffers[attr] = originals[name]
 
 
+class _FakeValueProp(FakeTensorProp):
+    """FakeTensorProp that also records constants: FakeTensorProp leaves meta["val"] unset for a
+    device, a dtype, a string or None (`x.device`, `x.dtype`), which would make them opaque values
+    that no stage boundary may cut; they are as static as a size."""
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        if "val" not in n.meta and all(isinstance(leaf, CONSTANT_TYPES) for leaf in tree_leaves(result)):
+            n.meta["val"] = result
+        return result
+
+
 def propagate_fake_values(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
     """Set meta["val"] on every node by running the graph on fake tensors (no real compute)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*(mode.from_tensor(t) for t in inputs))
+    _FakeValueProp(gm, mode).propagate(*(mode.from_tensor(t) for t in inputs))
 
 
 def check_loss_output(gm: fx.GraphModule) -> None:
@@ -242,8 +278,9 @@ def untraceable_error(model: nn.Module, failures: list[tuple[str, BaseException]
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         lines.append(f"  {method}: {type(err).__name__}: {first_line[:300]}{_user_frame(err)}")
     lines.append(
-        "Fix: remove data-dependent Python control flow (if/for on tensor values) from forward, "
-        "or move it into a leaf module; shapes may be used freely."
+        "Fix: replace Python control flow on tensor values (`if x.sum() > 0:`, `for` over a tensor, "
+        ".item(), .tolist()) with tensor ops such as torch.where(cond, a, b) or a mask; "
+        "branching on shapes (`if x.shape[1] > 4:`) is fine."
     )
     return CaptureError("\n".join(lines))
 

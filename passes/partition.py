@@ -21,7 +21,8 @@ from torch import fx
 from pipecc.costs import CostTable, DeviceSpec
 from pipecc.errors import PartitionError
 from pipecc.ir import Captured, Partition
-from pipecc.passes.graph_facts import ValueKind, compute_nodes, grad_nodes, output_node, tensor_bytes, value_kind
+from pipecc.passes.graph_facts import ValueKind, compute_nodes, grad_nodes, tensor_bytes, value_kind
+from pipecc.printing import format_bytes
 
 INF = float("inf")
 InFlight = Callable[[int], int]  # stage index -> micro-batches whose activations it holds at once
@@ -239,33 +240,71 @@ def _prefix(values: Sequence[float]) -> torch.Tensor:
 
 def _infeasible(problem: PartitionProblem, tables: _VectorTables, num_stages: int, limit: int | None,
                 in_flight: InFlight) -> PartitionError:
-    if limit is None:
+    """Why no partition exists: too few cuttable boundaries, or (with enough of them) the memory limit."""
+    inner = [k for k in range(1, problem.num_nodes) if problem.cuttable(k)]
+    if len(inner) < num_stages - 1:
         return PartitionError(
-            f"no way to cut the graph into {num_stages} stages: the values crossing every remaining cut "
-            "are not tensors (tuples or objects cannot be sent).\nUse fewer stages."
+            f"no way to cut the graph into {num_stages} stages: only {len(inner)} of its {problem.num_nodes - 1} "
+            "boundaries can be cut (the values crossing the others are tuples or objects, which cannot be sent).\n"
+            f"Use num_stages <= {len(inner) + 1}."
         )
-    _, smallest = _minmax(problem.num_nodes, num_stages,
-                          lambda stop, stage: torch.where(tables.cost_ms(stop) == INF, INF,
-                                                          tables.memory_bytes(stop, in_flight(stage))))
-    return PartitionError(
-        f"no partition into {num_stages} stages fits max_memory_bytes={limit} ({limit / 2**30:.3g} GiB); "
-        f"the smallest feasible limit is {int(smallest)} bytes ({smallest / 2**30:.3g} GiB).\n"
-        "Raise max_memory_bytes, use more stages, or a schedule with fewer micro-batches in flight (1f1b)."
+    assert limit is not None, "a cuttable partition exists, so only the memory limit can rule it out"
+    cuts, smallest = _minmax(problem.num_nodes, num_stages,
+                             lambda stop, stage: torch.where(tables.cost_ms(stop) == INF, INF,
+                                                             tables.memory_bytes(stop, in_flight(stage))))
+    err = PartitionError(
+        f"no partition into {num_stages} stages fits max_memory_bytes={limit} ({format_bytes(limit)}); "
+        f"the smallest feasible limit is {int(smallest)} bytes ({format_bytes(smallest)}).\n"
+        "Raise max_memory_bytes to at least that, use more stages, or a schedule with fewer micro-batches "
+        "in flight (1f1b holds at most num_stages, gpipe all of them)."
     )
+    err.add_note(_memory_table(problem, cuts, limit, in_flight))
+    return err
+
+
+def _memory_table(problem: PartitionProblem, cuts: Sequence[int], limit: int, in_flight: InFlight) -> str:
+    """Per stage of the least-memory partition: its nodes and bytes, `<-- here` on the largest."""
+    bounds = [0, *cuts, problem.num_nodes]
+    rows = []
+    for s, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        held = in_flight(s)
+        weights = 2 * problem.stage_param_bytes(start, stop)  # the weights and their gradients
+        total = problem.stage_memory_bytes(start, stop, held)
+        rows.append((total, f"stage {s}: {problem.node_names[start]}..{problem.node_names[stop - 1]}, "
+                            f"{format_bytes(total)} = weights+grads {format_bytes(weights)} + {held} in flight "
+                            f"x {format_bytes((total - weights) / held)} activations"))
+    peak = max(row[0] for row in rows)
+    lines = [f"the partition needing the least memory (limit {format_bytes(limit)}):"]
+    lines += [text + ("  <-- here" if size == peak else "") for size, text in rows]
+    return "\n".join(lines)
 
 
 def check_partition(captured: Captured, partition: Partition) -> None:
-    """Raise PartitionError unless every compute node has one stage, stages are contiguous and
-    non-empty, and values only flow forward."""
+    """Raise PartitionError unless every compute node has one stage, values only flow forward,
+    and stages are contiguous, non-empty ranges in graph order."""
     nodes = compute_nodes(captured.graph_module)
-    missing = [n.name for n in nodes if n.name not in partition.stage_of]
+    stage_of = partition.stage_of
+    missing = [n.name for n in nodes if n.name not in stage_of]
     if missing:
-        raise PartitionError(f"partition leaves {len(missing)} nodes without a stage, first {missing[0]}.")
-    stages = [partition.stage_of[n.name] for n in nodes]
-    if stages != sorted(stages) or set(stages) != set(range(partition.num_stages)):
-        raise PartitionError(f"partition stages are not contiguous and non-empty: {stages}.")
+        raise PartitionError(f"partition leaves {len(missing)} of {len(nodes)} compute nodes without a stage, "
+                             f"first {missing[0]}.\nEvery compute node needs a stage.")
+    for node in nodes:
+        if not 0 <= stage_of[node.name] < partition.num_stages:
+            raise PartitionError(f"node {node.name} is on stage {stage_of[node.name]}, outside 0..{partition.num_stages - 1}.")
     for node in nodes:
         for user in node.users:
-            if user.name in partition.stage_of and partition.stage_of[user.name] < partition.stage_of[node.name]:
-                raise PartitionError(f"value {node.name} flows backwards to {user.name}.")
-    assert output_node(captured.graph_module) is not None
+            if user.name in stage_of and stage_of[user.name] < stage_of[node.name]:
+                raise PartitionError(
+                    f"value {node.name} (stage {stage_of[node.name]}) flows backwards to {user.name} "
+                    f"(stage {stage_of[user.name]}).\nA value may only be read on its own stage or a later one."
+                )
+    for prev, node in zip(nodes, nodes[1:]):
+        if stage_of[node.name] < stage_of[prev.name]:
+            raise PartitionError(
+                f"stages are not contiguous in graph order: {node.name} (stage {stage_of[node.name]}) comes after "
+                f"{prev.name} (stage {stage_of[prev.name]}).\nEach stage must be one range of consecutive nodes."
+            )
+    empty = sorted(set(range(partition.num_stages)) - {stage_of[n.name] for n in nodes})
+    if empty:
+        raise PartitionError(f"stages {empty} of {partition.num_stages} hold no compute node.\n"
+                             "Every stage needs at least one node.")

@@ -31,6 +31,19 @@ class DeviceSpec:
     memory_capacity_bytes: int
     op_overhead_ms: float  # fixed cost per graph node (dispatch, kernel launch)
 
+    def __post_init__(self) -> None:
+        for name in ("peak_flops", "memory_bandwidth_bytes_per_s", "link_bandwidth_bytes_per_s",
+                     "memory_capacity_bytes", "link_latency_ms", "op_overhead_ms"):
+            value = getattr(self, name)
+            may_be_zero = name.endswith("_ms")  # a latency or a per-op overhead may be 0; rates may not
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or not (value >= 0 if may_be_zero else value > 0):
+                raise ConfigError(
+                    f"device {self.name!r}: {name}={value!r}; it must be a "
+                    f"{'non-negative' if may_be_zero else 'positive'} number.\n"
+                    "Fix that field of the DeviceSpec (or of the device JSON file)."
+                )
+
     def compute_ms(self, flops: float, bytes_moved: float) -> float:
         """Roofline time of one op: the slower of its compute and its memory traffic."""
         if flops == 0 and bytes_moved == 0:
@@ -61,6 +74,9 @@ class DeviceSpec:
         try:
             data = json.loads(Path(path).read_text())
             return DeviceSpec(**data)
+        except ConfigError as err:
+            err.add_note(f"(in device spec {str(path)!r})")
+            raise
         except (OSError, json.JSONDecodeError, TypeError) as err:
             raise ConfigError(
                 f"cannot read device spec {str(path)!r}: {err}.\n"
@@ -72,13 +88,17 @@ class DeviceSpec:
 
 
 def resolve_device(device: DeviceSpec | str) -> DeviceSpec:
-    """A DeviceSpec from a spec, a preset name, or a JSON path."""
+    """A DeviceSpec from a spec, a preset name, or a JSON path (a str or a pathlib.Path)."""
     if isinstance(device, DeviceSpec):
         return device
-    if device in DEVICE_PRESETS:
-        return DEVICE_PRESETS[device]
-    if device.endswith(".json"):
+    if isinstance(device, Path) or (isinstance(device, str) and device.endswith(".json")):
         return DeviceSpec.load(device)
+    if not isinstance(device, str):
+        raise ConfigError(
+            f"device={device!r} is a {type(device).__name__}; pipecc describes a device by a DeviceSpec, "
+            f"a preset name ({', '.join(sorted(DEVICE_PRESETS))}) or the path of a device JSON file.\n"
+            "Pass one of those (pipecc plans for the device; where tensors live is up to the runtime)."
+        )
     return DeviceSpec.preset(device)
 
 

@@ -70,6 +70,7 @@ def check_config(config: Config) -> None:
     for field in ("num_stages", "num_microbatches"):
         value = getattr(config, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{field}={value!r}; it must be a positive integer.")
+            raise ConfigError(f"{field}={value!r}; it must be a positive integer.\n"
+                              f"Pass {field}=1 or more (num_stages=1 runs the whole model as one stage).")
     if config.max_memory_bytes is not None and config.max_memory_bytes <= 0:
         raise ConfigError(f"max_memory_bytes={config.max_memory_bytes}; it must be positive (or None for no limit).")

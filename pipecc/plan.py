@@ -72,7 +72,8 @@ class Plan:
     def check_inputs(self, inputs: Sequence[torch.Tensor], target: torch.Tensor) -> None:
         """ConfigError unless the inputs and target have the shapes and dtypes the plan was compiled for."""
         if len(inputs) != len(self.input_specs):
-            raise ConfigError(f"the plan takes {len(self.input_specs)} inputs, got {len(inputs)}.\n"
+            raise ConfigError(f"the plan takes {len(self.input_specs)} input{'s' if len(self.input_specs) != 1 else ''}, "
+                              f"got {len(inputs)}.\n"
                               "Pass the same inputs as the example_inputs given to pipecc.compile.")
         named = [(f"input {i}", t, s) for i, (t, s) in enumerate(zip(inputs, self.input_specs))]
         for name, tensor, spec in named + [("target", target, self.target_spec)]:
