@@ -7,10 +7,8 @@ import functools
 import importlib
 import os
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import torch
 
 import pipecc
 
@@ -19,11 +17,8 @@ NUM_STAGES = {"mlp": 2, "gpt": 4, "bert": 2, "resnet": 4, "unet": 4}  # 4 micro-
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one intra-op thread."""
 
 
 def compile_example(name: str) -> pipecc.Plan:
