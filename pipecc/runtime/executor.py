@@ -35,6 +35,8 @@ class StageState:
 
     leaves: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # received activations
     outputs: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    # between B and W: the (output, output gradient) pairs that W differentiates again
+    weight_pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 class RankExecutor:
@@ -74,6 +76,11 @@ class RankExecutor:
                     case ActionKind.BW:
                         output_grads = grads.pop((s + 1, mb), None)
                         grads[(s, mb)] = self._backward(self.stages[s], state[s], mb, output_grads, m)
+                    case ActionKind.B:
+                        output_grads = grads.pop((s + 1, mb), None)
+                        grads[(s, mb)] = self._backward_input(self.stages[s], state[s], mb, output_grads, m)
+                    case ActionKind.W:
+                        self._backward_weight(self.stages[s], state[s], mb)
                     case ActionKind.SEND_F:
                         self.transport.send(Message("F", s, mb), activations.pop((s, mb)),
                                             self.schedule.stage_to_rank[s + 1])
@@ -91,8 +98,6 @@ class RankExecutor:
                         received_grads = self.transport.recv(Message("B", s + 1, mb), specs,
                                                              self.schedule.stage_to_rank[s + 1])
                         grads[(s + 1, mb)] = _expand_grads(received_grads, stage_specs[s + 1])
-                    case _:
-                        raise PipelineRuntimeError(f"action {action} needs a split backward; this plan has none.")
             except PipelineRuntimeError as err:
                 err.add_note(f"while running action {action} (stage {s}, micro-batch {mb})")
                 raise
@@ -121,19 +126,59 @@ class RankExecutor:
         state.outputs[mb] = outputs
         return outputs
 
-    def _backward(self, stage: Stage, state: StageState, mb: int,
-                  output_grads: list[torch.Tensor | None] | None, num_microbatches: int) -> list[torch.Tensor | None]:
+    def _output_grad_pairs(self, stage: Stage, state: StageState, mb: int,
+                           output_grads: list[torch.Tensor | None] | None,
+                           num_microbatches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(output, its gradient) for every output that carries a gradient back into this stage."""
         outputs = state.outputs.pop(mb)
-        leaves = state.leaves.pop(mb)
         if stage.index == self.last_stage:
             # loss = mean of micro-batch losses, so each micro-batch's loss carries weight 1/m
-            pairs = [(outputs[0], torch.full_like(outputs[0], 1.0 / num_microbatches))]
-        else:
-            assert output_grads is not None, f"stage {stage.index} has no output gradients for micro-batch {mb}"
-            pairs = [(o, g) for o, g in zip(outputs, output_grads) if g is not None and o.requires_grad]
+            return [(outputs[0], torch.full_like(outputs[0], 1.0 / num_microbatches))]
+        assert output_grads is not None, f"stage {stage.index} has no output gradients for micro-batch {mb}"
+        return [(o, g) for o, g in zip(outputs, output_grads) if g is not None and o.requires_grad]
+
+    def _backward(self, stage: Stage, state: StageState, mb: int,
+                  output_grads: list[torch.Tensor | None] | None, num_microbatches: int) -> list[torch.Tensor | None]:
+        """BW: the fused backward; parameter gradients accumulate in .grad, returns the input gradients."""
+        pairs = self._output_grad_pairs(stage, state, mb, output_grads, num_microbatches)
+        leaves = state.leaves.pop(mb)
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return [leaf.grad if leaf is not None else None for leaf in leaves]
+
+    def _backward_input(self, stage: Stage, state: StageState, mb: int,
+                        output_grads: list[torch.Tensor | None] | None,
+                        num_microbatches: int) -> list[torch.Tensor | None]:
+        """B: the gradients of the stage's activation inputs only. The autograd graph stays alive
+        for W, which differentiates the same outputs with respect to the parameters."""
+        pairs = self._output_grad_pairs(stage, state, mb, output_grads, num_microbatches)
+        leaves = state.leaves.pop(mb)
+        state.weight_pending[mb] = pairs
+        wanted = [leaf for leaf in leaves if leaf is not None]
+        if not pairs or not wanted:
+            return [None] * len(leaves)
+        computed = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                            retain_graph=True, allow_unused=True))
+        return [next(computed) if leaf is not None else None for leaf in leaves]
+
+    def _backward_weight(self, stage: Stage, state: StageState, mb: int) -> None:
+        """W: the parameter gradients of micro-batch `mb`, accumulated into .grad; frees its graph."""
+        pairs = state.weight_pending.pop(mb)
+        params = [p for p in stage.graph.parameters() if p.requires_grad]
+        if not pairs or not params:
+            return
+        computed = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
+        for param, grad in zip(params, computed):
+            if grad is not None:
+                accumulate_grad(param, grad)
+
+
+def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad, as autograd's AccumulateGrad does (the first gradient is copied, never aliased)."""
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad += grad
 
 
 def _expand_grads(received: list[torch.Tensor], stage: Stage) -> list[torch.Tensor | None]:
