@@ -86,7 +86,7 @@ _MEASURED: dict[tuple[object, ...], _Work] = {}
 
 def _measure(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], mode: FakeTensorMode) -> _Work:
     """Run one node forward and backward on fake tensors, counting FLOPs and saved bytes."""
-    key = _signature(gm, node, needs_grad)
+    key = node_signature(gm, node, needs_grad)
     if key in _MEASURED:
         return _MEASURED[key]
     try:
@@ -99,8 +99,10 @@ def _measure(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], mode: Fake
     return work
 
 
-def _signature(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) -> tuple[object, ...]:
-    """Everything _measure_in_mode's result depends on: the op, and the shapes and grad flags it sees."""
+def node_signature(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) -> tuple[object, ...]:
+    """Everything a node's cost depends on: the op, its settings, and the shapes and grad flags it sees.
+
+    Nodes of repeated blocks share a signature, so each signature is measured (or profiled) once."""
     def describe(value: object, requires_grad: bool) -> object:
         if isinstance(value, torch.Tensor):
             return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, requires_grad)

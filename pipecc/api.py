@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,19 +16,32 @@ from pipecc.plan import Plan
 
 def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn: Callable[..., torch.Tensor],
             example_target: torch.Tensor, num_stages: int, num_microbatches: int, schedule: str = "1f1b",
-            device: DeviceSpec | str = "cpu", max_memory_bytes: int | None = None) -> Plan:
+            device: DeviceSpec | str = "cpu", max_memory_bytes: int | None = None, cost_model: str = "analytic",
+            profile_cache_dir: str | Path | None = None) -> Plan:
     """Compile `model` into a pipeline Plan of `num_stages` balanced stages.
 
     `example_inputs` and `example_target` are one full batch (dim 0 is the batch); the step
     splits them into `num_microbatches` equal micro-batches and averages their losses.
     The plan shares `model`'s parameters: gradients land in their `.grad`.
+
+    `cost_model="profile"` times every node on real tensors instead of estimating it from the
+    device spec; the times are cached in `profile_cache_dir` (default: $PIPECC_CACHE_DIR, or
+    ~/.cache/pipecc).
     """
     from pipecc.pipeline import compile_plan
 
     device_name = device.name if isinstance(device, DeviceSpec) else device
     config = Config(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
-                    device=device_name, max_memory_bytes=max_memory_bytes)
+                    device=device_name, max_memory_bytes=max_memory_bytes, cost_model=cost_model,
+                    profile_cache_dir=str(default_cache_dir(profile_cache_dir)) if cost_model == "profile" else None)
     return compile_plan(model, example_inputs, loss_fn, example_target, config, device)
+
+
+def default_cache_dir(given: str | Path | None = None) -> Path:
+    """`given`, else $PIPECC_CACHE_DIR, else ~/.cache/pipecc: where profiled costs are kept."""
+    if given is not None:
+        return Path(given)
+    return Path(os.environ.get("PIPECC_CACHE_DIR") or Path.home() / ".cache" / "pipecc")
 
 
 def load(directory: str | Path, *, rank: int | None = None) -> Plan:

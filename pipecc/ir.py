@@ -23,6 +23,8 @@ class Config:
     device: str = "cpu"  # preset name or device JSON path, as given
     max_memory_bytes: int | None = None
     num_ranks: int | None = None  # defaults to the schedule's placement (one stage per rank)
+    cost_model: str = "analytic"  # "analytic" (roofline on the device spec) or "profile" (measured)
+    profile_cache_dir: str | None = None  # where cost_model="profile" caches its times; None: no cache
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from pipecc.ir import Config
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
 from pipecc.passes.partition import check_partition, partition
+from pipecc.passes.profile import profile_costs
 from pipecc.passes.schedules import schedule_kind
 from pipecc.passes.schedules.verify import check_schedule
 from pipecc.passes.split_stages import check_stages, split_stages
@@ -51,6 +53,10 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
         captured = capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
     with pass_context("annotate_costs"):
         costs = annotate_costs(captured, spec)
+    if config.cost_model == "profile":
+        with pass_context("profile_costs"):
+            cache_dir = Path(config.profile_cache_dir) if config.profile_cache_dir else None
+            costs = profile_costs(captured, costs, example_inputs, example_target, cache_dir=cache_dir)
     with pass_context("schedule"):
         schedule = kind.generate(num_stages, m)
         check_schedule(schedule)
@@ -66,11 +72,17 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
                 capture_method=captured.method)
 
 
+COST_MODELS = ("analytic", "profile")
+
+
 def check_config(config: Config) -> None:
     for field in ("num_stages", "num_microbatches"):
         value = getattr(config, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{field}={value!r}; it must be a positive integer.\n"
                               f"Pass {field}=1 or more (num_stages=1 runs the whole model as one stage).")
+    if config.cost_model not in COST_MODELS:
+        raise ConfigError(f"cost_model={config.cost_model!r}; it must be one of {', '.join(COST_MODELS)}.\n"
+                          "Pass cost_model=\"analytic\" (roofline on the device spec) or \"profile\" (measured).")
     if config.max_memory_bytes is not None and config.max_memory_bytes <= 0:
         raise ConfigError(f"max_memory_bytes={config.max_memory_bytes}; it must be positive (or None for no limit).")
