@@ -1,11 +1,23 @@
 """Partition: node -> stage, minimising the slowest stage, exactly, over the graph's order.
 
 A stage is a contiguous range [i, j) of compute nodes in graph (topological) order. Its cost
-is its F+B+W compute plus the time to move every value that crosses its two boundaries
-(activations forward, their gradients backward). A value that skips stages is relayed by
-every stage in between, so it is charged on every boundary it crosses. The min-max over all
-ways to cut the order into `num_stages` ranges is found by dynamic programming,
-O(num_stages * N^2) work done as N*num_stages vector operations.
+is its F+B+W compute, divided by the speed of the rank it runs on, plus the time to move every
+value that crosses its two boundaries (activations forward, their gradients backward) over
+the link to the neighbouring stage's rank; a boundary between two stages on the same rank
+costs nothing. A value that skips stages is relayed by every stage in between, so it is
+charged on every boundary it crosses. The min-max over all ways to cut the order into
+`num_stages` ranges is found by dynamic programming, O(num_stages * N^2) work done as
+N*num_stages vector operations; `pipecc.passes.coarsen` shrinks N first on large graphs.
+
+Placement (`stage_to_rank`, e.g. (0, 1, 1, 0) for a V-shaped schedule): the objective stays
+the slowest *stage*, each timed on its own rank. Interleaved and V schedules (Narayanan et al.
+2021, section 2.2; Qi et al. 2024, ZB-V) reach their bubble only when every chunk takes the
+same time, and a rank's busy time per micro-batch is then its number of stages times the
+bottleneck; the per-stage objective keeps the DP exact, where the sum over a rank's
+non-adjacent stages would need the DP to remember every open rank's load. The memory limit
+is per rank: each rank's limit is split into per-stage caps (equally, and in proportion to the
+micro-batches each stage holds; the better result is kept), so a plan never exceeds a rank's
+limit, but with several stages per rank under a tight limit a feasible partition can be missed.
 """
 
 from __future__ import annotations
@@ -13,13 +25,15 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import fx
 
+from pipecc.cluster import Cluster, LinkSpec
 from pipecc.costs import CostTable, DeviceSpec
-from pipecc.errors import PartitionError
+from pipecc.errors import ConfigError, PartitionError
 from pipecc.ir import Captured, Partition
 from pipecc.passes.graph_facts import ValueKind, compute_nodes, grad_nodes, tensor_bytes, value_kind
 from pipecc.printing import format_bytes
@@ -40,6 +54,78 @@ class CutValue:
 
 
 @dataclass(frozen=True)
+class StagePlace:
+    """Where one stage runs: its rank, that rank's speed, and the links to the previous and next
+    stage's ranks (None where that stage is on the same rank, or there is none: nothing is sent)."""
+
+    rank: int
+    speed: float
+    link_in: LinkSpec | None
+    link_out: LinkSpec | None
+
+
+def place_stages(device: DeviceSpec, num_stages: int, stage_to_rank: Sequence[int] | None = None,
+                 cluster: Cluster | None = None) -> tuple[StagePlace, ...]:
+    """Each stage's StagePlace; one stage per rank on identical ranks by default.
+
+    >>> [p.link_in is None for p in place_stages(DeviceSpec.preset("cpu"), 4, (0, 1, 1, 0))]
+    [True, False, True, False]
+    """
+    placed = tuple(range(num_stages)) if stage_to_rank is None else tuple(stage_to_rank)
+    if len(placed) != num_stages or not all(isinstance(r, int) and r >= 0 for r in placed):
+        raise ConfigError(f"stage_to_rank={placed!r} must give a rank (an int >= 0) for each of the "
+                          f"{num_stages} stages.\nPass one rank per stage, e.g. {tuple(range(num_stages))}.")
+    num_ranks = max(placed) + 1
+    missing = sorted(set(range(num_ranks)) - set(placed))
+    if missing:
+        raise ConfigError(f"stage_to_rank={placed} leaves ranks {missing} without a stage.\n"
+                          f"Number the ranks 0..{len(set(placed)) - 1} and give each at least one stage.")
+    cluster = Cluster.uniform(num_ranks) if cluster is None else cluster
+    if cluster.num_ranks != num_ranks:
+        raise ConfigError(f"the cluster describes {cluster.num_ranks} ranks but the schedule places its "
+                          f"{num_stages} stages on {num_ranks}.\nDescribe exactly {num_ranks} ranks, or change "
+                          "num_stages or the schedule.")
+    default = LinkSpec.of(device)
+
+    def link(a: int, b: int) -> LinkSpec | None:
+        if not (0 <= a < num_stages and 0 <= b < num_stages) or placed[a] == placed[b]:
+            return None
+        return cluster.link(placed[a], placed[b], default)
+
+    return tuple(StagePlace(r, cluster.ranks[r].speed, link(s - 1, s), link(s, s + 1)) for s, r in enumerate(placed))
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Per boundary k (before node k, k = 0..N): what crosses it, summed over the values crossing."""
+
+    forward_bytes: np.ndarray
+    forward_messages: np.ndarray
+    grad_bytes: np.ndarray
+    grad_messages: np.ndarray
+    cuttable: np.ndarray  # bool: no opaque value crosses it
+
+    def forward_ms(self, boundary: int, link: LinkSpec | None) -> float:
+        """Time to send the activations crossing `boundary` over `link` (0 for None: same rank)."""
+        if link is None:
+            return 0.0
+        return link.transfer_ms(float(self.forward_bytes[boundary]), float(self.forward_messages[boundary]))
+
+    def backward_ms(self, boundary: int, link: LinkSpec | None) -> float:
+        """Time to send their gradients back over `link` (0 for None: same rank)."""
+        if link is None:
+            return 0.0
+        return link.transfer_ms(float(self.grad_bytes[boundary]), float(self.grad_messages[boundary]))
+
+    def transfer_ms(self, link: LinkSpec | None) -> np.ndarray:
+        """Per boundary, activations forward plus gradients back over `link` (zeros for None)."""
+        if link is None:
+            return np.zeros(len(self.cuttable))
+        return (link.transfer_ms(self.forward_bytes, self.forward_messages)
+                + link.transfer_ms(self.grad_bytes, self.grad_messages))
+
+
+@dataclass(frozen=True)
 class PartitionProblem:
     """The graph reduced to what the partitioner needs: a chain of nodes and the values crossing it."""
 
@@ -56,38 +142,50 @@ class PartitionProblem:
         return len(self.node_names)
 
     @cached_property
-    def _boundaries(self) -> tuple[list[float], list[int], list[bool]]:
-        """Per boundary k (before node k): transfer time, activation bytes in, and whether it may be cut."""
+    def traffic(self) -> Traffic:
+        """Boundary sums by difference arrays: O(N + values), however far each value skips."""
         n = self.num_nodes
-        fwd_bytes, fwd_count, grad_bytes, grad_count, opaque = ([0] * (n + 1) for _ in range(5))
-        for v in self.values:
-            for k in range(v.producer + 1, min(v.last_use, n) + 1):
-                if k >= n:
-                    break
-                fwd_bytes[k] += v.forward_bytes
-                fwd_count[k] += 1 if v.forward_bytes else 0
-                grad_bytes[k] += v.grad_bytes
-                grad_count[k] += 1 if v.grad_bytes else 0
-                opaque[k] += 1 if v.opaque else 0
-        comm_ms = [self.device.transfer_ms(fwd_bytes[k], fwd_count[k]) +
-                   self.device.transfer_ms(grad_bytes[k], grad_count[k]) for k in range(n + 1)]
-        cuttable = [opaque[k] == 0 for k in range(n + 1)]
-        return comm_ms, fwd_bytes, cuttable
+        columns = np.zeros((5, n + 2), dtype=np.float64)
+        if self.values:
+            v = np.array([(x.producer, x.last_use, x.forward_bytes, x.grad_bytes, x.opaque) for x in self.values],
+                         dtype=np.float64).reshape(-1, 5)
+            first = v[:, 0].astype(np.int64) + 1
+            last = np.minimum(v[:, 1].astype(np.int64), n - 1)  # boundary n (the graph output) is never cut
+            keep = first <= last
+            weights = np.stack([v[:, 2], v[:, 2] > 0, v[:, 3], v[:, 3] > 0, v[:, 4]])[:, keep]
+            for row in range(5):
+                np.add.at(columns[row], first[keep], weights[row])
+                np.add.at(columns[row], last[keep] + 1, -weights[row])
+        sums = np.cumsum(columns, axis=1)[:, :n + 1]
+        return Traffic(sums[0], sums[1], sums[2], sums[3], sums[4] == 0)
+
+    @cached_property
+    def _default_comm_ms(self) -> np.ndarray:
+        return self.traffic.transfer_ms(LinkSpec.of(self.device))
 
     def comm_ms(self, boundary: int) -> float:
-        return self._boundaries[0][boundary]
+        """Time to move what crosses `boundary` both ways over the device's link."""
+        return float(self._default_comm_ms[boundary])
+
+    def link_ms(self, boundary: int, link: LinkSpec | None) -> float:
+        """Time to move what crosses `boundary` both ways over `link` (0 for None: same rank)."""
+        return float(self.traffic.transfer_ms(link)[boundary])
 
     def activation_bytes(self, boundary: int) -> int:
-        return self._boundaries[1][boundary]
+        return int(self.traffic.forward_bytes[boundary])
 
     def cuttable(self, boundary: int) -> bool:
-        return self._boundaries[2][boundary]
+        return bool(self.traffic.cuttable[boundary])
 
-    def stage_cost_ms(self, start: int, stop: int) -> float:
-        """Cost of one stage holding nodes [start, stop): compute plus traffic at both ends."""
+    def stage_cost_ms(self, start: int, stop: int, place: StagePlace | None = None) -> float:
+        """Cost of one stage holding nodes [start, stop): compute (at its rank's speed) plus traffic
+        at both ends (over its links; the device's link for both when `place` is None)."""
         if not (self.cuttable(start) and self.cuttable(stop)):
             return INF
-        return sum(self.node_ms[start:stop]) + self.comm_ms(start) + self.comm_ms(stop)
+        compute = sum(self.node_ms[start:stop])
+        if place is None:
+            return compute + self.comm_ms(start) + self.comm_ms(stop)
+        return compute / place.speed + self.link_ms(start, place.link_in) + self.link_ms(stop, place.link_out)
 
     def stage_param_bytes(self, start: int, stop: int) -> int:
         names = {name for params in self.node_params[start:stop] for name in params}
@@ -126,18 +224,25 @@ def _cut_value(node: fx.Node, producer: int, index: Mapping[str, int], needs_gra
 
 
 def partition(captured: Captured, costs: CostTable, *, num_stages: int,
-              max_memory_bytes: int | None = None, in_flight: InFlight = lambda stage: 1) -> Partition:
+              max_memory_bytes: int | None = None, in_flight: InFlight = lambda stage: 1,
+              stage_to_rank: Sequence[int] | None = None, cluster: Cluster | None = None) -> Partition:
     """Assign each compute node to one of `num_stages` contiguous stages so that the slowest stage
-    (compute + traffic across its cuts) is as fast as possible, within the memory limit. Deterministic."""
+    (compute at its rank's speed + traffic across its cuts) is as fast as possible, within each
+    rank's memory. Stage s runs on rank `stage_to_rank[s]` (default: rank s) of `cluster`
+    (default: identical ranks). Deterministic."""
+    from pipecc.passes.coarsen import solve_coarsened  # coarsen builds on this module's PartitionProblem
+
     problem = partition_problem(captured, costs)
-    cuts, bottleneck = solve(problem, num_stages, max_memory_bytes=max_memory_bytes, in_flight=in_flight)
+    cuts, bottleneck = solve_coarsened(problem, num_stages, max_memory_bytes=max_memory_bytes, in_flight=in_flight,
+                                       stage_to_rank=stage_to_rank, cluster=cluster)
     bounds = [0, *cuts, problem.num_nodes]
     stage_of = {name: s for s in range(num_stages) for name in problem.node_names[bounds[s]:bounds[s + 1]]}
     return Partition(num_stages=num_stages, stage_of=stage_of, bottleneck_ms=bottleneck)
 
 
 def solve(problem: PartitionProblem, num_stages: int, *, max_memory_bytes: int | None = None,
-          in_flight: InFlight = lambda stage: 1) -> tuple[list[int], float]:
+          in_flight: InFlight = lambda stage: 1, stage_to_rank: Sequence[int] | None = None,
+          cluster: Cluster | None = None) -> tuple[list[int], float]:
     """The inner cut positions (num_stages - 1 of them) of an optimal partition, and its bottleneck."""
     n = problem.num_nodes
     if num_stages < 1:
@@ -147,19 +252,53 @@ def solve(problem: PartitionProblem, num_stages: int, *, max_memory_bytes: int |
             f"num_stages={num_stages} but the graph has only {n} compute nodes, and every stage needs one.\n"
             f"Use num_stages <= {n}, or a deeper model."
         )
+    places = place_stages(problem.device, num_stages, stage_to_rank, cluster)
+    limits = rank_memory_limits(places, cluster, max_memory_bytes)
     tables = _VectorTables(problem)
-    limit = max_memory_bytes
+    best: tuple[list[int], float] = ([], INF)
+    for caps in stage_memory_caps(places, limits, in_flight):
+        def cost(stop: int, stage: int, caps: tuple[int | None, ...] = caps) -> torch.Tensor:
+            value = tables.cost_ms(stop, places[stage])
+            if caps[stage] is not None:
+                value = torch.where(tables.memory_bytes(stop, in_flight(stage)) > caps[stage], INF, value)
+            return value
 
-    def cost(stop: int, stage: int) -> torch.Tensor:
-        value = tables.cost_ms(stop)
-        if limit is not None:
-            value = torch.where(tables.memory_bytes(stop, in_flight(stage)) > limit, INF, value)
-        return value
+        result = _minmax(n, num_stages, cost)
+        if result[1] < best[1]:
+            best = result
+    if best[1] == INF:
+        raise _infeasible(problem, tables, places, limits, in_flight)
+    return best
 
-    cuts, bottleneck = _minmax(n, num_stages, cost)
-    if bottleneck == INF:
-        raise _infeasible(problem, tables, num_stages, limit, in_flight)
-    return cuts, bottleneck
+
+def rank_memory_limits(places: Sequence[StagePlace], cluster: Cluster | None,
+                       max_memory_bytes: int | None) -> tuple[int | None, ...]:
+    """Per rank, the bytes it may hold: its capacity in `cluster` and at most `max_memory_bytes`."""
+    num_ranks = max(p.rank for p in places) + 1
+    if cluster is None:
+        return (max_memory_bytes,) * num_ranks
+    return tuple(cluster.memory_limit(r, max_memory_bytes) for r in range(num_ranks))
+
+
+def stage_memory_caps(places: Sequence[StagePlace], limits: Sequence[int | None],
+                      in_flight: InFlight) -> list[tuple[int | None, ...]]:
+    """Ways to split each rank's limit among its stages (caps summing to at most the limit): equal
+    shares, and shares in proportion to the micro-batches each stage holds. One stage per rank: its limit."""
+    by_rank: dict[int, list[int]] = {}
+    for s, place in enumerate(places):
+        by_rank.setdefault(place.rank, []).append(s)
+
+    def split(weight: Callable[[int], int]) -> tuple[int | None, ...]:
+        caps: list[int | None] = [None] * len(places)
+        for rank, stages in by_rank.items():
+            limit = limits[rank]
+            if limit is not None:
+                total = sum(weight(s) for s in stages)
+                for s in stages:
+                    caps[s] = limit * weight(s) // total
+        return tuple(caps)
+
+    return list(dict.fromkeys([split(lambda s: 1), split(in_flight)]))
 
 
 def _minmax(n: int, num_stages: int, cost: Callable[[int, int], torch.Tensor]) -> tuple[list[int], float]:
@@ -167,7 +306,8 @@ def _minmax(n: int, num_stages: int, cost: Callable[[int, int], torch.Tensor]) -
     best = torch.full((num_stages, n + 1), INF, dtype=torch.float64)
     choice = torch.zeros((num_stages, n + 1), dtype=torch.long)
     for stop in range(1, n + 1):
-        for stage in range(min(num_stages, stop)):
+        # stage s ends at `stop` only if stages after it still get a node each
+        for stage in range(max(0, num_stages - 1 - (n - stop)), min(num_stages, stop)):
             stage_cost = cost(stop, stage)  # indexed by start, length stop
             if stage == 0:
                 best[0, stop] = stage_cost[0]
@@ -189,18 +329,19 @@ class _VectorTables:
     """Vector forms of PartitionProblem.stage_cost_ms / stage_memory_bytes over every start at once."""
 
     def __init__(self, problem: PartitionProblem) -> None:
-        n = problem.num_nodes
         self.problem = problem
+        traffic = problem.traffic
         self.time_prefix = _prefix(problem.node_ms)
         self.saved_prefix = _prefix(problem.saved_bytes)
-        self.comm = torch.tensor([problem.comm_ms(k) for k in range(n + 1)], dtype=torch.float64)
-        self.activation = torch.tensor([problem.activation_bytes(k) for k in range(n + 1)], dtype=torch.float64)
-        self.blocked = torch.tensor([not problem.cuttable(k) for k in range(n + 1)])
+        self.activation = torch.from_numpy(np.ascontiguousarray(traffic.forward_bytes))
+        self.blocked = torch.from_numpy(~traffic.cuttable)
+        self._link_ms: dict[LinkSpec | None, torch.Tensor] = {}
+        self._memory_parts: tuple[int, torch.Tensor, torch.Tensor] | None = None
         uses: dict[str, list[int]] = {}
         for i, params in enumerate(problem.node_params):
             for name in dict.fromkeys(params):
                 uses.setdefault(name, []).append(i)
-        single = [0.0] * n
+        single = [0.0] * problem.num_nodes
         self.shared_uses: list[tuple[int, list[int]]] = []
         for name, where in uses.items():
             size = problem.param_bytes.get(name, 0)
@@ -210,10 +351,16 @@ class _VectorTables:
                 self.shared_uses.append((size, where))
         self.single_param_prefix = _prefix(single)
 
-    def cost_ms(self, stop: int) -> torch.Tensor:
-        value = self.time_prefix[stop] - self.time_prefix[:stop] + self.comm[:stop] + self.comm[stop]
+    def link_ms(self, link: LinkSpec | None) -> torch.Tensor:
+        if link not in self._link_ms:
+            self._link_ms[link] = torch.from_numpy(self.problem.traffic.transfer_ms(link))
+        return self._link_ms[link]
+
+    def cost_ms(self, stop: int, place: StagePlace) -> torch.Tensor:
         if self.blocked[stop]:
-            return torch.full_like(value, INF)
+            return torch.full((stop,), INF, dtype=torch.float64)
+        compute = (self.time_prefix[stop] - self.time_prefix[:stop]) / place.speed
+        value = compute + self.link_ms(place.link_in)[:stop] + self.link_ms(place.link_out)[stop]
         return torch.where(self.blocked[:stop], INF, value)
 
     def param_bytes(self, stop: int) -> torch.Tensor:
@@ -230,17 +377,21 @@ class _VectorTables:
         return value
 
     def memory_bytes(self, stop: int, in_flight: int) -> torch.Tensor:
-        activations = self.saved_prefix[stop] - self.saved_prefix[:stop] + self.activation[:stop]
-        return 2 * self.param_bytes(stop) + in_flight * activations
+        if self._memory_parts is None or self._memory_parts[0] != stop:  # every stage asks at the same stop
+            activations = self.saved_prefix[stop] - self.saved_prefix[:stop] + self.activation[:stop]
+            self._memory_parts = (stop, 2 * self.param_bytes(stop), activations)
+        _, weights, activations = self._memory_parts
+        return weights + in_flight * activations
 
 
 def _prefix(values: Sequence[float]) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(values, dtype=torch.float64), 0)])
 
 
-def _infeasible(problem: PartitionProblem, tables: _VectorTables, num_stages: int, limit: int | None,
-                in_flight: InFlight) -> PartitionError:
-    """Why no partition exists: too few cuttable boundaries, or (with enough of them) the memory limit."""
+def _infeasible(problem: PartitionProblem, tables: _VectorTables, places: Sequence[StagePlace],
+                limits: Sequence[int | None], in_flight: InFlight) -> PartitionError:
+    """Why no partition exists: too few cuttable boundaries, or (with enough of them) the memory limits."""
+    num_stages = len(places)
     inner = [k for k in range(1, problem.num_nodes) if problem.cuttable(k)]
     if len(inner) < num_stages - 1:
         return PartitionError(
@@ -248,21 +399,33 @@ def _infeasible(problem: PartitionProblem, tables: _VectorTables, num_stages: in
             "boundaries can be cut (the values crossing the others are tuples or objects, which cannot be sent).\n"
             f"Use num_stages <= {len(inner) + 1}."
         )
-    assert limit is not None, "a cuttable partition exists, so only the memory limit can rule it out"
+    assert any(x is not None for x in limits), "a cuttable partition exists, so only a memory limit can rule it out"
     cuts, smallest = _minmax(problem.num_nodes, num_stages,
-                             lambda stop, stage: torch.where(tables.cost_ms(stop) == INF, INF,
+                             lambda stop, stage: torch.where(tables.blocked[stop] | tables.blocked[:stop], INF,
                                                              tables.memory_bytes(stop, in_flight(stage))))
-    err = PartitionError(
-        f"no partition into {num_stages} stages fits max_memory_bytes={limit} ({format_bytes(limit)}); "
-        f"the smallest feasible limit is {int(smallest)} bytes ({format_bytes(smallest)}).\n"
-        "Raise max_memory_bytes to at least that, use more stages, or a schedule with fewer micro-batches "
-        "in flight (1f1b holds at most num_stages, gpipe all of them)."
-    )
-    err.add_note(_memory_table(problem, cuts, limit, in_flight))
+    one_per_rank = len({p.rank for p in places}) == num_stages
+    if one_per_rank and len(set(limits)) == 1:
+        limit = limits[0]
+        err = PartitionError(
+            f"no partition into {num_stages} stages fits max_memory_bytes={limit} ({format_bytes(limit)}); "
+            f"the smallest feasible limit is {int(smallest)} bytes ({format_bytes(smallest)}).\n"
+            "Raise max_memory_bytes to at least that, use more stages, or a schedule with fewer micro-batches "
+            "in flight (1f1b holds at most num_stages, gpipe all of them)."
+        )
+    else:
+        shown = ", ".join(f"rank {r}: {'no limit' if x is None else format_bytes(x)}" for r, x in enumerate(limits))
+        err = PartitionError(
+            f"no partition into {num_stages} stages on {len(limits)} ranks fits their memory ({shown}); "
+            f"the least-memory partition needs {format_bytes(smallest)} for its largest stage.\n"
+            "Raise the ranks' memory limits, use more stages or ranks, or a schedule with fewer micro-batches "
+            "in flight (1f1b holds at most num_stages, gpipe all of them)."
+        )
+    err.add_note(_memory_table(problem, cuts, places, limits, in_flight))
     return err
 
 
-def _memory_table(problem: PartitionProblem, cuts: Sequence[int], limit: int, in_flight: InFlight) -> str:
+def _memory_table(problem: PartitionProblem, cuts: Sequence[int], places: Sequence[StagePlace],
+                  limits: Sequence[int | None], in_flight: InFlight) -> str:
     """Per stage of the least-memory partition: its nodes and bytes, `<-- here` on the largest."""
     bounds = [0, *cuts, problem.num_nodes]
     rows = []
@@ -270,11 +433,13 @@ def _memory_table(problem: PartitionProblem, cuts: Sequence[int], limit: int, in
         held = in_flight(s)
         weights = 2 * problem.stage_param_bytes(start, stop)  # the weights and their gradients
         total = problem.stage_memory_bytes(start, stop, held)
-        rows.append((total, f"stage {s}: {problem.node_names[start]}..{problem.node_names[stop - 1]}, "
+        rank = places[s].rank
+        rows.append((total, f"stage {s} (rank {rank}): {problem.node_names[start]}..{problem.node_names[stop - 1]}, "
                             f"{format_bytes(total)} = weights+grads {format_bytes(weights)} + {held} in flight "
                             f"x {format_bytes((total - weights) / held)} activations"))
     peak = max(row[0] for row in rows)
-    lines = [f"the partition needing the least memory (limit {format_bytes(limit)}):"]
+    shown = ", ".join("none" if x is None else format_bytes(x) for x in limits)
+    lines = [f"the partition needing the least memory (rank limits {shown}):"]
     lines += [text + ("  <-- here" if size == peak else "") for size, text in rows]
     return "\n".join(lines)
 

@@ -12,21 +12,24 @@ from typing import Sequence
 
 from torch import fx
 
+from pipecc.cluster import Cluster
 from pipecc.costs import CostTable
 from pipecc.errors import PartitionError
 from pipecc.ir import Captured, InputKind, ParamBinding, Partition, Stage, StageCost, StageInput, StageOutput, TensorSpec
 from pipecc.passes.graph_facts import ValueKind, compute_nodes, grad_nodes, output_node, value_kind
-from pipecc.passes.partition import InFlight, PartitionProblem, partition_problem
+from pipecc.passes.partition import InFlight, PartitionProblem, StagePlace, partition_problem, place_stages
 
 
 def split_stages(captured: Captured, partition: Partition, costs: CostTable, *,
-                 stage_to_rank: Sequence[int], in_flight: InFlight) -> tuple[Stage, ...]:
-    """One Stage per partition stage, each with its own GraphModule sharing the model's parameters."""
+                 stage_to_rank: Sequence[int], in_flight: InFlight, cluster: Cluster | None = None) -> tuple[Stage, ...]:
+    """One Stage per partition stage, each with its own GraphModule sharing the model's parameters.
+    Stage costs are timed on the stage's rank of `cluster` (its speed and links; default identical ranks)."""
     gm = captured.graph_module
     needs_grad = grad_nodes(gm)
     crossing = _crossing_values(gm, partition)
     problem = partition_problem(captured, costs)
     bounds = _bounds(problem.node_names, partition)
+    places = place_stages(costs.device, partition.num_stages, stage_to_rank, cluster)
     stages = []
     for s in range(partition.num_stages):
         received = crossing[s]
@@ -35,7 +38,7 @@ def split_stages(captured: Captured, partition: Partition, costs: CostTable, *,
         outputs = tuple(StageOutput(n.name, _spec(n, needs_grad)) for n in sent)
         start, stop = bounds[s], bounds[s + 1]
         cost = _stage_cost(problem, costs, start, stop, in_flight(s), sum(o.spec.num_bytes for o in outputs),
-                           sum(p.numel() for p in module.parameters()))
+                           sum(p.numel() for p in module.parameters()), places[s])
         stages.append(Stage(
             index=s,
             rank=stage_to_rank[s],
@@ -122,27 +125,25 @@ def _bindings(module: fx.GraphModule, captured: Captured) -> tuple[ParamBinding,
 
 
 def _stage_cost(problem: PartitionProblem, costs: CostTable, start: int, stop: int, in_flight: int,
-                bytes_to_next: int, num_params: int) -> StageCost:
+                bytes_to_next: int, num_params: int, place: StagePlace) -> StageCost:
+    """Times at the rank's speed; traffic over its links (none to a neighbour on the same rank)."""
     names = problem.node_names[start:stop]
-    device = costs.device
-    outgoing = [v for v in problem.values if v.producer < stop <= v.last_use and stop < problem.num_nodes]
-    incoming = [v for v in problem.values if v.producer < start <= v.last_use and start > 0]
+    speed = place.speed
+    traffic = problem.traffic
     return StageCost(
         num_nodes=len(names),
         num_params=num_params,
         flops=sum(costs[n].flops_forward for n in names),
         param_bytes=problem.stage_param_bytes(start, stop),
-        forward_ms=sum(costs[n].forward_ms for n in names),
-        backward_input_ms=sum(costs[n].backward_input_ms for n in names),
-        backward_weight_ms=sum(costs[n].backward_weight_ms for n in names),
-        send_forward_ms=device.transfer_ms(sum(v.forward_bytes for v in outgoing),
-                                           sum(1 for v in outgoing if v.forward_bytes)),
-        send_backward_ms=device.transfer_ms(sum(v.grad_bytes for v in incoming),
-                                            sum(1 for v in incoming if v.grad_bytes)),
+        forward_ms=sum(costs[n].forward_ms for n in names) / speed,
+        backward_input_ms=sum(costs[n].backward_input_ms for n in names) / speed,
+        backward_weight_ms=sum(costs[n].backward_weight_ms for n in names) / speed,
+        send_forward_ms=traffic.forward_ms(stop, place.link_out) if stop < problem.num_nodes else 0.0,
+        send_backward_ms=traffic.backward_ms(start, place.link_in) if start > 0 else 0.0,
         bytes_to_next=bytes_to_next if stop < problem.num_nodes else 0,
         saved_bytes=sum(problem.saved_bytes[start:stop]) + problem.activation_bytes(start),
         memory_bytes=problem.stage_memory_bytes(start, stop, in_flight),
-        comm_ms=problem.comm_ms(start) + problem.comm_ms(stop),
+        comm_ms=problem.link_ms(start, place.link_in) + problem.link_ms(stop, place.link_out),
     )
 
 

@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from pipecc.cluster import Cluster
 from pipecc.costs import DeviceSpec, resolve_device
 from pipecc.errors import ConfigError, PipeccError
 from pipecc.ir import Config
@@ -39,8 +40,10 @@ def pass_context(name: str) -> Iterator[None]:
 
 
 def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
-                 example_target: torch.Tensor, config: Config, device: DeviceSpec | str = "cpu") -> Plan:
-    """Trace, cost, partition, schedule and split `model` into a runnable Plan."""
+                 example_target: torch.Tensor, config: Config, device: DeviceSpec | str = "cpu",
+                 cluster: Cluster | None = None) -> Plan:
+    """Trace, cost, partition, schedule and split `model` into a runnable Plan; `cluster` describes each
+    rank (speed, memory, link) when they differ."""
     check_config(config)
     spec = resolve_device(device)
     kind = schedule_kind(config.schedule)
@@ -62,10 +65,11 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
         check_schedule(schedule)
     with pass_context("partition"):
         part = partition(captured, costs, num_stages=num_stages, max_memory_bytes=config.max_memory_bytes,
-                         in_flight=in_flight)
+                         in_flight=in_flight, stage_to_rank=schedule.stage_to_rank, cluster=cluster)
         check_partition(captured, part)
     with pass_context("split_stages"):
-        stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight)
+        stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight,
+                              cluster=cluster)
         check_stages(stages)
     return Plan(config=config, device=spec, stages=stages, schedule=schedule,
                 input_specs=Plan.batch_specs(example_inputs), target_spec=Plan.batch_specs([example_target])[0],
