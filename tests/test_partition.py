@@ -16,12 +16,14 @@ from torch import nn
 
 import pipecc
 from examples import gpt, mlp
+from pipecc.cluster import Cluster, LinkSpec, RankSpec
 from pipecc.costs import DeviceSpec
-from pipecc.errors import PartitionError
+from pipecc.errors import ConfigError, PartitionError
 from pipecc.ir import Captured, Partition
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
-from pipecc.passes.partition import CutValue, PartitionProblem, check_partition, partition, partition_problem, solve
+from pipecc.passes.partition import (CutValue, PartitionProblem, check_partition, partition, partition_problem,
+                                    place_stages, solve)
 
 CPU = DeviceSpec.preset("cpu")
 INF = float("inf")
@@ -110,6 +112,85 @@ def test_dp_matches_brute_force(case: Case) -> None:
     assert max(problem.stage_cost_ms(i, j) for i, j in stages) == pytest.approx(bottleneck, rel=1e-9, abs=1e-9)
     if limit is not None:
         assert all(problem.stage_memory_bytes(i, j, case.in_flight(s)) <= limit for s, (i, j) in enumerate(stages))
+
+
+@st.composite
+def placements(draw: st.DrawFn, num_stages: int) -> tuple[tuple[int, ...], Cluster]:
+    """A stage -> rank map using every rank (numbered by first stage), and ranks of unequal speed and link."""
+    raw = draw(st.lists(st.integers(0, num_stages - 1), min_size=num_stages, max_size=num_stages))
+    numbering: dict[int, int] = {}
+    stage_to_rank = tuple(numbering.setdefault(r, len(numbering)) for r in raw)
+    ranks = tuple(RankSpec(speed=draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])),
+                           link=draw(st.sampled_from([None, LinkSpec(1e9, 0.2), LinkSpec(4e9, 0.0)])))
+                  for _ in numbering)
+    return stage_to_rank, Cluster(ranks)
+
+
+def placed_brute_force(problem: PartitionProblem, num_stages: int, limit: int | None, in_flight: Callable[[int], int],
+                       stage_to_rank: Sequence[int], cluster: Cluster) -> float:
+    """Best slowest stage (each timed on its rank) over partitions whose ranks' summed memory fits `limit`."""
+    places = place_stages(CPU, num_stages, stage_to_rank, cluster)
+    n, best = problem.num_nodes, INF
+    for inner in itertools.combinations(range(1, n), num_stages - 1):
+        stages = list(zip([0, *inner], [*inner, n]))
+        time_ms = max(problem.stage_cost_ms(i, j, places[s]) for s, (i, j) in enumerate(stages))
+        per_rank = [0] * cluster.num_ranks
+        for s, (i, j) in enumerate(stages):
+            per_rank[stage_to_rank[s]] += problem.stage_memory_bytes(i, j, in_flight(s))
+        if limit is None or max(per_rank) <= limit:
+            best = min(best, time_ms)
+    return best
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.data())
+def test_placed_dp_matches_brute_force(case: Case, data: st.DataObject) -> None:
+    """Exact with one stage per rank; with several, never over a rank's memory and exact without a limit."""
+    problem, p, limit = case.problem, case.num_stages, case.max_memory_bytes
+    stage_to_rank, cluster = data.draw(placements(p))
+    expected = placed_brute_force(problem, p, limit, case.in_flight, stage_to_rank, cluster)
+    one_per_rank = len(set(stage_to_rank)) == p
+    try:
+        cuts, bottleneck = solve(problem, p, max_memory_bytes=limit, in_flight=case.in_flight,
+                                 stage_to_rank=stage_to_rank, cluster=cluster)
+    except PartitionError:
+        assert expected == INF or not (one_per_rank or limit is None)
+        return
+    places = place_stages(CPU, p, stage_to_rank, cluster)
+    stages = list(zip([0, *cuts], [*cuts, problem.num_nodes]))
+    assert max(problem.stage_cost_ms(i, j, places[s]) for s, (i, j) in enumerate(stages)) == pytest.approx(bottleneck)
+    per_rank = [0] * cluster.num_ranks
+    for s, (i, j) in enumerate(stages):
+        per_rank[stage_to_rank[s]] += problem.stage_memory_bytes(i, j, case.in_flight(s))
+    assert limit is None or max(per_rank) <= limit
+    if one_per_rank or limit is None:
+        assert bottleneck == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    else:
+        assert bottleneck >= expected * (1 - 1e-9)
+
+
+def test_boundary_between_stages_on_one_rank_is_free_and_links_are_the_slower_end() -> None:
+    skip = CutValue(1, 3, 2_000_000, 2_000_000)  # crosses boundaries 2 and 3
+    problem = _chain([1.0] * 4, [skip])
+    slow = LinkSpec(1e9, 0.5)
+    cluster = Cluster((RankSpec(link=slow), RankSpec(speed=2.0)))
+    places = place_stages(CPU, 3, (0, 0, 1), cluster)
+    assert [(p.rank, p.speed, p.link_in, p.link_out) for p in places] == [
+        (0, 1.0, None, None), (0, 1.0, None, slow), (1, 2.0, slow, None)]
+    crossing = 2 * slow.transfer_ms(2_000_000, 1)
+    assert problem.stage_cost_ms(0, 2, places[0]) == pytest.approx(2.0)  # boundary 2 stays on rank 0
+    assert problem.stage_cost_ms(2, 3, places[1]) == pytest.approx(1.0 + crossing)
+    assert problem.stage_cost_ms(3, 4, places[2]) == pytest.approx(0.5 + crossing)
+
+
+@pytest.mark.parametrize("stage_to_rank, cluster, message", [
+    ((0, 2), None, r"leaves ranks \[1\] without a stage"),
+    ((0, 1, 2), None, r"must give a rank .* for each of the 2 stages"),
+    ((0, 1), Cluster.of([1.0, 1.0, 1.0]), r"cluster describes 3 ranks but the schedule places its 2 stages on 2"),
+])
+def test_bad_placement_is_a_config_error(stage_to_rank: tuple[int, ...], cluster: Cluster | None, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        solve(_chain([1.0, 1.0, 1.0]), 2, stage_to_rank=stage_to_rank, cluster=cluster)
 
 
 def _chain(node_ms: Sequence[float], values: Sequence[CutValue] = ()) -> PartitionProblem:
