@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from pipecc.cluster import Cluster
 from pipecc.costs import DeviceSpec
 from pipecc.ir import Config
 from pipecc.plan import Plan
@@ -17,7 +18,7 @@ from pipecc.plan import Plan
 def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn: Callable[..., torch.Tensor],
             example_target: torch.Tensor, num_stages: int, num_microbatches: int, schedule: str = "1f1b",
             device: DeviceSpec | str = "cpu", max_memory_bytes: int | None = None, cost_model: str = "analytic",
-            profile_cache_dir: str | Path | None = None) -> Plan:
+            profile_cache_dir: str | Path | None = None, cluster: Cluster | str | Path | None = None) -> Plan:
     """Compile `model` into a pipeline Plan of `num_stages` balanced stages.
 
     `example_inputs` and `example_target` are one full batch (dim 0 is the batch); the step
@@ -27,6 +28,10 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     `cost_model="profile"` times every node on real tensors instead of estimating it from the
     device spec; the times are cached in `profile_cache_dir` (default: $PIPECC_CACHE_DIR, or
     ~/.cache/pipecc).
+
+    `cluster` (a Cluster or its JSON file) gives each rank's speed relative to `device`, its
+    memory and its link: stages are then balanced on time at each rank's speed, within each
+    rank's memory. Default: identical ranks.
     """
     from pipecc.pipeline import compile_plan
 
@@ -34,7 +39,9 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     config = Config(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                     device=device_name, max_memory_bytes=max_memory_bytes, cost_model=cost_model,
                     profile_cache_dir=str(default_cache_dir(profile_cache_dir)) if cost_model == "profile" else None)
-    return compile_plan(model, example_inputs, loss_fn, example_target, config, device)
+    if cluster is not None and not isinstance(cluster, Cluster):
+        cluster = Cluster.load(cluster)
+    return compile_plan(model, example_inputs, loss_fn, example_target, config, device, cluster=cluster)
 
 
 def default_cache_dir(given: str | Path | None = None) -> Path:
