@@ -121,6 +121,23 @@ class Partition:
 
 
 @dataclass(frozen=True)
+class SplitBackward:
+    """A stage's forward (F), input-gradient (B) and weight-gradient (W) graphs, cut from one
+    joint graph (passes/split_backward.py says how each is called). B then W equals the fused
+    backward bit for bit; between B and W only the `num_held` values W reads stay alive."""
+
+    weight_names: tuple[str, ...]  # local names of the stage's parameters then buffers: every graph's first args
+    grad_param_names: tuple[str, ...]  # the parameters W returns gradients for, in order
+    grad_input_positions: tuple[int, ...]  # indices into Stage.inputs of the inputs B returns gradients for
+    tangent_positions: tuple[int, ...]  # indices into Stage.outputs of the outputs B receives gradients for
+    num_saved: int  # values F hands to B, after the stage outputs
+    num_held: int  # values B hands to W, after the input gradients
+    forward: fx.GraphModule = field(compare=False, repr=False)
+    backward_input: fx.GraphModule = field(compare=False, repr=False)
+    backward_weight: fx.GraphModule = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One pipeline stage: which rank runs it, which graph nodes it holds, its typed boundary."""
 
@@ -132,6 +149,8 @@ class Stage:
     params: tuple[ParamBinding, ...]
     cost: StageCost
     graph: nn.Module = field(compare=False, repr=False)  # fx.GraphModule, or an emitted module
+    # F/B/W graphs when the schedule splits backwards and the graph split worked (else autograd splits)
+    backward_split: SplitBackward | None = field(default=None, compare=False, repr=False)
 
     @property
     def activation_inputs(self) -> tuple[StageInput, ...]:

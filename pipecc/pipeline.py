@@ -21,6 +21,7 @@ from pipecc.passes.partition import check_partition, partition
 from pipecc.passes.profile import profile_costs
 from pipecc.passes.schedules import schedule_kind
 from pipecc.passes.schedules.verify import check_schedule
+from pipecc.passes.split_backward import needs_split_backward, split_backward_stages
 from pipecc.passes.split_stages import check_stages, split_stages
 from pipecc.plan import Plan
 
@@ -71,6 +72,9 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
         stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight,
                               cluster=cluster)
         check_stages(stages)
+    if needs_split_backward(schedule):
+        with pass_context("split_backward"):  # F/B/W graphs; a stage that cannot be split logs why
+            stages = split_backward_stages(stages)
     return Plan(config=config, device=spec, stages=stages, schedule=schedule,
                 input_specs=Plan.batch_specs(example_inputs), target_spec=Plan.batch_specs([example_target])[0],
                 capture_method=captured.method)

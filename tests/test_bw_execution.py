@@ -13,6 +13,7 @@ import torch
 import pipecc
 from pipecc.ir import Action, ActionKind, Schedule
 from pipecc.passes.schedules.verify import check_schedule
+from pipecc.passes.split_backward import split_backward_stages
 from pipecc.plan import Plan
 from pipecc.printing import format_schedule
 from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
@@ -62,18 +63,24 @@ def split_schedule(num_stages: int, num_microbatches: int, stage_to_rank: Sequen
     return schedule
 
 
-def with_schedule(plan: Plan, schedule: Schedule) -> Plan:
-    """`plan`'s stages placed and run as `schedule` says."""
-    stages = [dataclasses.replace(s, rank=schedule.stage_to_rank[s.index]) for s in plan.stages]
+def with_schedule(plan: Plan, schedule: Schedule, *, graph_split: bool = True) -> Plan:
+    """`plan`'s stages placed and run as `schedule` says, B and W from the split graphs (as
+    compile_plan makes them for such a schedule) or, with graph_split=False, from autograd."""
+    stages = [dataclasses.replace(s, rank=schedule.stage_to_rank[s.index], backward_split=None) for s in plan.stages]
+    if graph_split:
+        stages = list(split_backward_stages(stages))
+        assert all(s.backward_split is not None for s in stages)
     return Plan(config=plan.config, device=plan.device, stages=stages, schedule=schedule,
                 input_specs=plan.input_specs, target_spec=plan.target_spec, capture_method=plan.capture_method)
 
 
-def fbw_plan(name: str, stage_to_rank: Sequence[int], num_microbatches: int, max_in_flight: int) -> Plan:
+def fbw_plan(name: str, stage_to_rank: Sequence[int], num_microbatches: int, max_in_flight: int, *,
+             graph_split: bool = True) -> Plan:
     model, inputs, loss_fn, target = build(name)
     plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=len(stage_to_rank),
                           num_microbatches=num_microbatches)
-    return with_schedule(plan, split_schedule(len(stage_to_rank), num_microbatches, stage_to_rank, max_in_flight))
+    schedule = split_schedule(len(stage_to_rank), num_microbatches, stage_to_rank, max_in_flight)
+    return with_schedule(plan, schedule, graph_split=graph_split)
 
 
 def test_split_schedule_is_zero_bubble_like() -> None:
@@ -93,18 +100,22 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("graph_split", (True, False), ids=("graph", "autograd"))
 @pytest.mark.parametrize("name,stage_to_rank,num_microbatches", CASES)
-def test_b_then_w_equals_unpartitioned_local(name: str, stage_to_rank: tuple[int, ...], num_microbatches: int) -> None:
+def test_b_then_w_equals_unpartitioned_local(name: str, stage_to_rank: tuple[int, ...], num_microbatches: int,
+                                             graph_split: bool) -> None:
     model, inputs, loss_fn, target = build(name)
-    plan = fbw_plan(name, stage_to_rank, num_microbatches, max_in_flight=len(stage_to_rank))
+    plan = fbw_plan(name, stage_to_rank, num_microbatches, max_in_flight=len(stage_to_rank), graph_split=graph_split)
+    assert all((s.backward_split is not None) == graph_split for s in plan.stages)
     assert any(a.kind is W for actions in plan.schedule.rank_actions for a in actions)
     assert_same_step(model, inputs, loss_fn, target, plan)
 
 
-def test_b_and_w_mixed_with_fused_bw() -> None:
+@pytest.mark.parametrize("graph_split", (True, False), ids=("graph", "autograd"))
+def test_b_and_w_mixed_with_fused_bw(graph_split: bool) -> None:
     """A schedule may fuse some backwards (BW) and split others (B, W) in one step."""
     model, inputs, loss_fn, target = build("gpt")
-    plan = fbw_plan("gpt", (0, 1), 4, max_in_flight=2)
+    plan = fbw_plan("gpt", (0, 1), 4, max_in_flight=2, graph_split=graph_split)
     mixed = []
     for actions in plan.schedule.rank_actions:
         out = []
@@ -116,13 +127,13 @@ def test_b_and_w_mixed_with_fused_bw() -> None:
         mixed.append(tuple(out))
     schedule = dataclasses.replace(plan.schedule, rank_actions=tuple(mixed))
     check_schedule(schedule)
-    assert_same_step(model, inputs, loss_fn, target, with_schedule(plan, schedule))
+    assert_same_step(model, inputs, loss_fn, target, with_schedule(plan, schedule, graph_split=graph_split))
 
 
-def _dist_fbw_steps(cases: list[tuple[str, tuple[int, ...], int]]) -> list[tuple[float | None, dict[str, torch.Tensor]]]:
+def _dist_fbw_steps(cases: list[tuple[str, tuple[int, ...], int, bool]]) -> list[tuple[float | None, dict[str, torch.Tensor]]]:
     results = []
-    for name, stage_to_rank, m in cases:
-        plan = fbw_plan(name, stage_to_rank, m, max_in_flight=len(stage_to_rank))
+    for name, stage_to_rank, m, graph_split in cases:
+        plan = fbw_plan(name, stage_to_rank, m, max_in_flight=len(stage_to_rank), graph_split=graph_split)
         runner = plan.runner(timeout_s=120)
         loss = runner.step(*build(name)[1], target=build(name)[3])
         results.append((None if loss is None else float(loss),
@@ -132,8 +143,9 @@ def _dist_fbw_steps(cases: list[tuple[str, tuple[int, ...], int]]) -> list[tuple
 
 @pytest.mark.dist
 def test_b_then_w_equals_unpartitioned_gloo() -> None:
-    per_rank = run_ranks(_dist_fbw_steps, 2, CASES)
-    for i, (name, stage_to_rank, m) in enumerate(CASES):
+    cases = [case + (True,) for case in CASES] + [CASES[1] + (False,)]  # graph split, and autograd on a V shape
+    per_rank = run_ranks(_dist_fbw_steps, 2, cases)
+    for i, (name, stage_to_rank, m, _) in enumerate(cases):
         expected_loss, expected = reference_step(*build(name), m)
         last_rank = stage_to_rank[-1]
         assert [r[i][0] is not None for r in per_rank] == [rank == last_rank for rank in range(2)]

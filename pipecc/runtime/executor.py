@@ -3,7 +3,7 @@ through a Transport. The same interpreter serves the local and the distributed r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -29,16 +29,6 @@ class Transport(Protocol):
     def flush(self) -> None: ...
 
 
-@dataclass
-class StageState:
-    """What a stage keeps between the forward and the backward of each micro-batch."""
-
-    leaves: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # received activations
-    outputs: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    # between B and W: the (output, output gradient) pairs that W differentiates again
-    weight_pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-
-
 class RankExecutor:
     """Executes actions for the stages of one rank (or of every rank, in the local runtime)."""
 
@@ -56,7 +46,7 @@ class RankExecutor:
         m = self.schedule.num_microbatches
         micro_inputs = [t.chunk(m) if isinstance(t, torch.Tensor) else [t] * m for t in inputs]
         micro_target = target.chunk(m)
-        state = {a.stage: StageState() for a in actions}
+        runners = {a.stage: stage_runner(self.stages[a.stage], a.stage == self.last_stage, m) for a in actions}
         stage_specs = self.stages
         activations: dict[tuple[int, int], list[torch.Tensor]] = {}  # (producing stage, mb) -> outputs
         grads: dict[tuple[int, int], list[torch.Tensor | None]] = {}  # (stage, mb) -> grads of its activation inputs
@@ -67,20 +57,19 @@ class RankExecutor:
                 match action.kind:
                     case ActionKind.F:
                         received = activations.pop((s - 1, mb), [])
-                        outputs = self._forward(self.stages[s], state[s], mb, received,
-                                                [chunks[mb] for chunks in micro_inputs], micro_target[mb])
+                        args = _stage_args(self.stages[s], received, [chunks[mb] for chunks in micro_inputs],
+                                           micro_target[mb])
+                        outputs = runners[s].forward(mb, args)
                         if s == self.last_stage:
                             losses[mb] = outputs[0].detach()
                         else:
                             activations[(s, mb)] = [o.detach() for o in outputs]
                     case ActionKind.BW:
-                        output_grads = grads.pop((s + 1, mb), None)
-                        grads[(s, mb)] = self._backward(self.stages[s], state[s], mb, output_grads, m)
+                        grads[(s, mb)] = runners[s].backward(mb, grads.pop((s + 1, mb), None))
                     case ActionKind.B:
-                        output_grads = grads.pop((s + 1, mb), None)
-                        grads[(s, mb)] = self._backward_input(self.stages[s], state[s], mb, output_grads, m)
+                        grads[(s, mb)] = runners[s].backward_input(mb, grads.pop((s + 1, mb), None))
                     case ActionKind.W:
-                        self._backward_weight(self.stages[s], state[s], mb)
+                        runners[s].backward_weight(mb)
                     case ActionKind.SEND_F:
                         self.transport.send(Message("F", s, mb), activations.pop((s, mb)),
                                             self.schedule.stage_to_rank[s + 1])
@@ -106,54 +95,93 @@ class RankExecutor:
             return None
         return torch.stack([losses[mb] for mb in range(m)]).mean()
 
-    def _forward(self, stage: Stage, state: StageState, mb: int, received: list[torch.Tensor],
-                 inputs: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args: list[torch.Tensor] = []
+
+def _stage_args(stage: Stage, received: list[torch.Tensor], inputs: list[torch.Tensor],
+                target: torch.Tensor) -> list[torch.Tensor]:
+    """The stage module's positional arguments: received activations, model inputs, the target."""
+    received_iter = iter(received)
+    args = []
+    for spec in stage.inputs:
+        if spec.kind is InputKind.ACTIVATION:
+            args.append(next(received_iter))
+        elif spec.kind is InputKind.TARGET:
+            args.append(target)
+        else:
+            args.append(inputs[spec.input_index])
+    return args
+
+
+OutputGrads = list[torch.Tensor | None] | None  # gradients of a stage's outputs (None: last stage)
+
+
+class StageRunner(Protocol):
+    """Runs one stage's F, B, W and BW for any micro-batch, keeping what lies between them."""
+
+    def forward(self, mb: int, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]: ...
+    def backward(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]: ...
+    def backward_input(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]: ...
+    def backward_weight(self, mb: int) -> None: ...
+
+
+def stage_runner(stage: Stage, is_last: bool, num_microbatches: int) -> StageRunner:
+    """The graph-level F/B/W runner when the plan split this stage's backward, else autograd's."""
+    if stage.backward_split is not None:
+        return GraphStageRunner(stage, is_last, num_microbatches)
+    return AutogradStageRunner(stage, is_last, num_microbatches)
+
+
+def _with_output_grads(stage: Stage, outputs: tuple[torch.Tensor, ...], output_grads: OutputGrads, is_last: bool,
+                       num_microbatches: int) -> list[torch.Tensor | None]:
+    """The gradient of each stage output (None where none flows back)."""
+    if is_last:
+        # loss = mean of micro-batch losses, so each micro-batch's loss carries weight 1/m
+        return [torch.full_like(outputs[0], 1.0 / num_microbatches)]
+    assert output_grads is not None, f"stage {stage.index} has no output gradients"
+    return list(output_grads)
+
+
+class AutogradStageRunner:
+    """F builds an autograd graph; BW is one autograd backward; B differentiates w.r.t. the received
+    activations keeping the graph, W w.r.t. the parameters (re-walking the graph from the outputs)."""
+
+    def __init__(self, stage: Stage, is_last: bool, num_microbatches: int) -> None:
+        self.stage, self.is_last, self.num_microbatches = stage, is_last, num_microbatches
+        self.leaves: dict[int, list[torch.Tensor | None]] = {}  # received activations, per micro-batch
+        self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        # between B and W: the (output, output gradient) pairs that W differentiates again
+        self.weight_pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def forward(self, mb: int, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         leaves: list[torch.Tensor | None] = []
-        received_iter = iter(received)
-        for spec in stage.inputs:
+        for i, spec in enumerate(self.stage.inputs):
             if spec.kind is InputKind.ACTIVATION:
-                value = next(received_iter).detach().requires_grad_(spec.spec.requires_grad)
-                leaves.append(value if spec.spec.requires_grad else None)
-            elif spec.kind is InputKind.TARGET:
-                value = target
-            else:
-                value = inputs[spec.input_index]
-            args.append(value)
+                args[i] = args[i].detach().requires_grad_(spec.spec.requires_grad)
+                leaves.append(args[i] if spec.spec.requires_grad else None)
         with torch.enable_grad():
-            outputs = stage.graph(*args)
-        state.leaves[mb] = leaves
-        state.outputs[mb] = outputs
+            outputs = self.stage.graph(*args)
+        self.leaves[mb] = leaves
+        self.outputs[mb] = outputs
         return outputs
 
-    def _output_grad_pairs(self, stage: Stage, state: StageState, mb: int,
-                           output_grads: list[torch.Tensor | None] | None,
-                           num_microbatches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _pairs(self, mb: int, output_grads: OutputGrads) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(output, its gradient) for every output that carries a gradient back into this stage."""
-        outputs = state.outputs.pop(mb)
-        if stage.index == self.last_stage:
-            # loss = mean of micro-batch losses, so each micro-batch's loss carries weight 1/m
-            return [(outputs[0], torch.full_like(outputs[0], 1.0 / num_microbatches))]
-        assert output_grads is not None, f"stage {stage.index} has no output gradients for micro-batch {mb}"
-        return [(o, g) for o, g in zip(outputs, output_grads) if g is not None and o.requires_grad]
+        outputs = self.outputs.pop(mb)
+        grads = _with_output_grads(self.stage, outputs, output_grads, self.is_last, self.num_microbatches)
+        return [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
 
-    def _backward(self, stage: Stage, state: StageState, mb: int,
-                  output_grads: list[torch.Tensor | None] | None, num_microbatches: int) -> list[torch.Tensor | None]:
+    def backward(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]:
         """BW: the fused backward; parameter gradients accumulate in .grad, returns the input gradients."""
-        pairs = self._output_grad_pairs(stage, state, mb, output_grads, num_microbatches)
-        leaves = state.leaves.pop(mb)
+        pairs = self._pairs(mb, output_grads)
+        leaves = self.leaves.pop(mb)
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return [leaf.grad if leaf is not None else None for leaf in leaves]
 
-    def _backward_input(self, stage: Stage, state: StageState, mb: int,
-                        output_grads: list[torch.Tensor | None] | None,
-                        num_microbatches: int) -> list[torch.Tensor | None]:
-        """B: the gradients of the stage's activation inputs only. The autograd graph stays alive
-        for W, which differentiates the same outputs with respect to the parameters."""
-        pairs = self._output_grad_pairs(stage, state, mb, output_grads, num_microbatches)
-        leaves = state.leaves.pop(mb)
-        state.weight_pending[mb] = pairs
+    def backward_input(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]:
+        """B: the gradients of the stage's activation inputs only; the autograd graph stays for W."""
+        pairs = self._pairs(mb, output_grads)
+        leaves = self.leaves.pop(mb)
+        self.weight_pending[mb] = pairs
         wanted = [leaf for leaf in leaves if leaf is not None]
         if not pairs or not wanted:
             return [None] * len(leaves)
@@ -161,14 +189,70 @@ class RankExecutor:
                                             retain_graph=True, allow_unused=True))
         return [next(computed) if leaf is not None else None for leaf in leaves]
 
-    def _backward_weight(self, stage: Stage, state: StageState, mb: int) -> None:
+    def backward_weight(self, mb: int) -> None:
         """W: the parameter gradients of micro-batch `mb`, accumulated into .grad; frees its graph."""
-        pairs = state.weight_pending.pop(mb)
-        params = [p for p in stage.graph.parameters() if p.requires_grad]
+        pairs = self.weight_pending.pop(mb)
+        params = [p for p in self.stage.graph.parameters() if p.requires_grad]
         if not pairs or not params:
             return
         computed = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
         for param, grad in zip(params, computed):
+            if grad is not None:
+                accumulate_grad(param, grad)
+
+
+class GraphStageRunner:
+    """F, B and W are the stage's split graphs (passes/split_backward.py), run without autograd:
+    F keeps what B and W read, B keeps only what W reads, W accumulates into .grad."""
+
+    def __init__(self, stage: Stage, is_last: bool, num_microbatches: int) -> None:
+        assert stage.backward_split is not None
+        self.stage, self.split = stage, stage.backward_split
+        self.is_last, self.num_microbatches = is_last, num_microbatches
+        tensors = dict(stage.graph.named_parameters(remove_duplicate=False))
+        tensors.update(stage.graph.named_buffers(remove_duplicate=False))
+        self.weights = [tensors[name] for name in self.split.weight_names]
+        self.grad_params = [tensors[name] for name in self.split.grad_param_names]
+        activation_index = {i: k for k, i in enumerate(
+            i for i, inp in enumerate(stage.inputs) if inp.kind is InputKind.ACTIVATION)}
+        self.grad_slots = [activation_index[i] for i in self.split.grad_input_positions]
+        self.num_activations = len(activation_index)
+        self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.saved: dict[int, tuple[torch.Tensor, ...]] = {}  # F -> B
+        self.held: dict[int, tuple[torch.Tensor, ...]] = {}  # B -> W
+
+    def forward(self, mb: int, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            results = self.split.forward(*self.weights, *args)
+        num_outputs = len(self.stage.outputs)
+        self.outputs[mb] = tuple(results[:num_outputs])
+        self.saved[mb] = tuple(results[num_outputs:])
+        return self.outputs[mb]
+
+    def backward(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]:
+        """BW: B then W at once (bitwise the fused backward)."""
+        grads = self.backward_input(mb, output_grads)
+        self.backward_weight(mb)
+        return grads
+
+    def backward_input(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]:
+        outputs = self.outputs.pop(mb)
+        grads = _with_output_grads(self.stage, outputs, output_grads, self.is_last, self.num_microbatches)
+        tangents = [grads[i] if grads[i] is not None else torch.zeros_like(outputs[i])
+                    for i in self.split.tangent_positions]
+        with torch.no_grad():
+            results = self.split.backward_input(*self.weights, *self.saved.pop(mb), *tangents)
+        num_grads = len(self.split.grad_input_positions)
+        self.held[mb] = tuple(results[num_grads:])
+        input_grads: list[torch.Tensor | None] = [None] * self.num_activations
+        for slot, grad in zip(self.grad_slots, results[:num_grads]):
+            input_grads[slot] = grad
+        return input_grads
+
+    def backward_weight(self, mb: int) -> None:
+        with torch.no_grad():
+            param_grads = self.split.backward_weight(*self.weights, *self.held.pop(mb))
+        for param, grad in zip(self.grad_params, param_grads):
             if grad is not None:
                 accumulate_grad(param, grad)
 
