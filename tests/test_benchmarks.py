@@ -1,0 +1,92 @@
+"""The side-by-side benchmark keeps working: it runs end to end at its smallest size (no timing
+assertions), and its measuring pieces measure what they claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import vs_torch_pipelining as bench  # noqa: E402
+from _common import SavedActivationMeter, stage_times_ms  # noqa: E402
+
+
+def test_saved_activation_meter_counts_what_autograd_keeps(one_thread: None) -> None:
+    """Two linears save their inputs (not their weights); the graph's release brings the live count to 0."""
+    layer1, layer2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    meter = SavedActivationMeter(list(layer1.parameters()) + list(layer2.parameters()))
+    with meter:
+        loss = layer2(layer1(x)).sum()
+    assert meter.peak_bytes == (4 * 16 + 4 * 32) * 4
+    loss.backward()
+    assert meter.live_bytes == 0
+
+
+def test_stage_times_cover_every_stage(one_thread: None) -> None:
+    first, last = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+    x = torch.randn(4, 8)
+    times = stage_times_ms([lambda received: (first(x),), lambda received: (last(received[0]).sum(),)], repeats=2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_unet_skip_gradients_are_found_before_torch_crashes_on_them(one_thread: None) -> None:
+    """The U-Net's skip gradients are slices of torch.cat's gradient: torch's gloo receive refuses them."""
+    case = bench.make_cases("tiny", ["unet"], ["1f1b"])[0]
+    _, inputs, loss_fn, target = case.build()
+    reason = bench.torch_unsupported(case, loss_fn, [t.chunk(4)[0] for t in inputs], target.chunk(4)[0])
+    assert "not contiguous" in reason and "gradient of input" in reason
+
+
+def test_gpt_cuts_into_equal_block_stages_without_problems(one_thread: None) -> None:
+    case = bench.make_cases("tiny", ["gpt-8k"], ["1f1b"])[0]
+    _, inputs, loss_fn, target = case.build()
+    assert bench.torch_unsupported(case, loss_fn, [t.chunk(4)[0] for t in inputs], target.chunk(4)[0]) == ""
+    modules = bench.torch_stage_modules(case, case.build()[0])
+    assert [len(m.pieces) for m in modules] == [1 + 2, 2 + 1]  # embedding + 2 blocks | 2 blocks + head
+
+
+class _OffByALittle:
+    """A 'system' whose gradients are 1e-3 off: the benchmark must refuse to time it."""
+
+    name = "wrong"
+
+    def __init__(self, expected: dict[str, torch.Tensor]) -> None:
+        self.grads = {n: g * (1 + 1e-3) for n, g in expected.items()}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def step(self, inputs: object, target: object) -> None:
+        return None
+
+    def named_grads(self) -> dict[str, torch.Tensor]:
+        return self.grads
+
+
+def test_a_fast_wrong_answer_is_refused(one_thread: None) -> None:
+    from pipecc.testing import reference_step
+
+    case = bench.make_cases("tiny", ["gpt-8k"], ["1f1b"])[0]
+    model, inputs, loss_fn, target = case.build()
+    loss, expected = reference_step(model, inputs, loss_fn, target, 4)
+    with pytest.raises(AssertionError, match="wrong on rank 0 differs from the unpartitioned model"):
+        bench.check_system(_OffByALittle(expected), inputs, target, loss, expected)
+
+
+@pytest.mark.dist
+def test_benchmark_runs_at_the_smallest_size() -> None:
+    """Every model, 2 gloo ranks: the gradient checks pass and the table has a row per model."""
+    proc = subprocess.run([sys.executable, "benchmarks/vs_torch_pipelining.py", "--size", "tiny",
+                           "--schedules", "1f1b"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()[:2][-1:] == ["1f1b"]}
+    assert set(rows) == set(bench.MODELS), proc.stdout
+    assert "unsupported" in rows["unet"] and "unsupported" not in rows["gpt-8k"]
+    assert "x" in rows["gpt-8k"].split()[5]  # the pipecc/torch ratio column
