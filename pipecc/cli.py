@@ -1,6 +1,8 @@
-"""The `pipecc` command: partition reports and local pipelined training runs.
+"""The `pipecc` command: partition reports with pictures, emitted plans, and local training runs.
 
-    pipecc report examples/gpt.py:build --stages 4 --microbatches 8 --schedule 1f1b
+    pipecc report examples/gpt.py:build --stages 4 --microbatches 8 --schedule 1f1b --plot gpt.png
+    pipecc emit examples/gpt.py:build --stages 2 -o gpt_plan
+    torchrun --nproc-per-node 2 -m pipecc.run gpt_plan --steps 5
     pipecc run examples/gpt.py:build --ranks 2 --microbatches 4 --steps 5
 """
 
@@ -14,12 +16,15 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 
 from pipecc.errors import ConfigError, PipeccError
+
+if TYPE_CHECKING:
+    from pipecc.passes.simulate import Timeline
 
 Factory = Callable[[], tuple]
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -37,11 +42,13 @@ def load_factory(spec: str) -> Factory:
     """The factory named by 'path/to/file.py:name' or 'package.module:name'."""
     module_part, sep, name = spec.rpartition(":")
     if not sep or not module_part or not name:
-        raise ConfigError(f"MODEL {spec!r} is not of the form path/to/file.py:factory or package.module:factory.")
+        raise ConfigError(f"MODEL {spec!r} is not of the form path/to/file.py:factory or package.module:factory.\n"
+                          "Name the function that builds the model after a colon, e.g. examples/gpt.py:build.")
     if module_part.endswith(".py"):
         path = Path(module_part)
         if not path.is_file():
-            raise ConfigError(f"MODEL file {module_part!r} does not exist.")
+            raise ConfigError(f"MODEL file {module_part!r} does not exist.\n"
+                              "Give the path relative to the current directory, e.g. examples/gpt.py:build.")
         module_spec = importlib.util.spec_from_file_location(f"pipecc_model_{path.stem}", path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)
@@ -51,10 +58,12 @@ def load_factory(spec: str) -> Factory:
         try:
             module = importlib.import_module(module_part)
         except ImportError as err:
-            raise ConfigError(f"cannot import {module_part!r} for MODEL {spec!r}: {err}.") from None
+            raise ConfigError(f"cannot import {module_part!r} for MODEL {spec!r}: {err}.\n"
+                              "Run from the directory that holds the package, or give a file path instead.") from None
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise ConfigError(f"{module_part!r} has no callable {name!r}.")
+        raise ConfigError(f"{module_part!r} has no callable {name!r}.\n"
+                          "Name a function that returns (model, example_inputs, loss_fn, target).")
     return factory
 
 
@@ -81,13 +90,42 @@ def _compile(args: argparse.Namespace, spec: str, num_stages: int):  # -> Plan
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pipecc import render
+
     plan, _ = _compile(args, args.model, args.stages)
+    timeline = plan.simulate()
     if args.format == "json":
         from pipecc.passes.codegen import plan_to_json
 
-        print(json.dumps(plan_to_json(plan), indent=2, sort_keys=True))
+        print(json.dumps({**plan_to_json(plan), "prediction": prediction_json(timeline)}, indent=2, sort_keys=True))
     else:
         print(plan.report())
+        print(f"\npredicted per rank:\n{render.format_prediction(timeline)}")
+        print(f"\n{render.format_timeline(timeline, width=args.width)}")
+    for path, write in ((args.plot, render.plot_timeline), (args.trace, render.write_trace)):
+        if path:
+            write(timeline, path)
+            print(f"wrote {path}", file=sys.stderr if args.format == "json" else sys.stdout)
+    return 0
+
+
+def prediction_json(timeline: Timeline) -> dict[str, object]:
+    """The simulator's numbers for `report --format json`."""
+    return {"step_time_ms": timeline.step_time_ms, "bubble_ratio": timeline.bubble_ratio,
+            "busy_ms": list(timeline.busy_ms), "idle_ms": list(timeline.idle_ms),
+            "peak_memory_bytes": list(timeline.peak_memory_bytes)}
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from pipecc.run import save_batch
+
+    plan, (_, inputs, _, target) = _compile(args, args.model, args.stages)
+    directory = plan.emit(args.output)
+    save_batch(directory, inputs, target)
+    files = sorted(p.name for p in directory.iterdir())
+    print(f"emitted a {plan.num_ranks}-rank plan ({len(plan.stages)} stages, schedule {plan.schedule.name}) "
+          f"to {directory}: {', '.join(files)}")
+    print(f"train it with: torchrun --nproc-per-node {plan.num_ranks} -m pipecc.run {directory} --steps 5")
     return 0
 
 
@@ -134,26 +172,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_help() -> str:
+    from pipecc.passes.schedules import SCHEDULES
+
+    return "pipeline schedule (default 1f1b): " + "; ".join(f"{k.name}: {k.summary}" for k in SCHEDULES.values())
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipecc", description="Pipeline-parallelism compiler for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="pipecc", description="Pipeline-parallelism compiler for PyTorch: partition a model into balanced "
+                                   "pipeline stages, predict and draw its schedule, emit and run it.",
+        epilog="MODEL is path/to/file.py:factory or package.module:factory; the factory returns "
+               "(model, example_inputs, loss_fn, target). Example: pipecc report examples/gpt.py:build "
+               "--stages 4 --microbatches 8 --plot gpt.png")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", metavar="MODEL",
                        help="path/to/file.py:factory or package.module:factory returning "
                             "(model, example_inputs, loss_fn, target)")
         p.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default 4)")
-        p.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe or 1f1b (default 1f1b)")
+        p.add_argument("--schedule", default="1f1b", help=_schedule_help())
         p.add_argument("--device", default="cpu", help="cpu, a100, h100, or a device JSON file (default cpu)")
-        p.add_argument("--memory-limit", default=None, help="per-rank memory limit, e.g. 20GiB")
+        p.add_argument("--memory-limit", default=None, help="per-rank memory limit, e.g. 20GiB or 512MiB")
 
-    report = sub.add_parser("report", help="print the partition table and schedule of a model")
+    report = sub.add_parser("report", help="print the partition, the predicted step per rank and its timeline",
+                            description="Compile MODEL and print the per-stage table, the simulator's prediction "
+                                        "per rank and an ASCII timeline of the schedule; optionally draw it.")
     common(report)
     report.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
-    report.add_argument("--format", choices=("text", "json"), default="text")
+    report.add_argument("--format", choices=("text", "json"), default="text",
+                        help="text (default) or json: the plan as in plan.json, plus the prediction")
+    report.add_argument("--plot", metavar="OUT.png|OUT.svg", default=None,
+                        help="draw the per-rank Gantt chart into a PNG or SVG file (needs pipecc[plot])")
+    report.add_argument("--trace", metavar="OUT.json", default=None,
+                        help="write the predicted timeline as Chrome/Perfetto trace events (one track per rank)")
+    report.add_argument("--width", type=int, default=100, help="columns of the ASCII timeline (default 100)")
     report.set_defaults(func=cmd_report)
 
-    run = sub.add_parser("run", help="train a few pipelined steps on local gloo ranks (one stage per rank)")
+    emit = sub.add_parser("emit", help="write the plan: plan.json, one Python module and weight shard per rank",
+                          description="Compile MODEL and write the plan into DIR, with the factory's example batch "
+                                      "as batch.pt; train it with torchrun --nproc-per-node N -m pipecc.run DIR.")
+    common(emit)
+    emit.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
+    emit.add_argument("-o", "--output", metavar="DIR", required=True, help="directory to write (created if needed)")
+    emit.set_defaults(func=cmd_emit)
+
+    run = sub.add_parser("run", help="train a few pipelined steps on local gloo ranks (one stage per rank)",
+                         description="Spawn --ranks local gloo processes, train --steps SGD steps on the factory's "
+                                     "example batch, and print the measured against the predicted step time.")
     common(run)
     run.add_argument("--ranks", type=int, default=2, help="processes, one stage each (default 2)")
     run.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
@@ -168,8 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except PipeccError as err:
-        print(f"pipecc: error: {err}", file=sys.stderr)
+        print(format_error(err), file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+
+
+def format_error(err: BaseException, prog: str = "pipecc") -> str:
+    """`prog: error: <what went wrong>` and, on the lines after it, how to fix it."""
+    what, _, hint = str(err).partition("\n")
+    return f"{prog}: error: {what}" + (f"\n{hint}" if hint else "")
 
 
 if __name__ == "__main__":
