@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import fx
@@ -49,33 +50,78 @@ def annotate_costs(captured: Captured, device: DeviceSpec) -> CostTable:
         for qualified, tensor in tensors.items():
             param_bytes[captured.canonical_names.get(qualified, qualified)] = tensor.numel() * tensor.element_size()
         work = _measure(gm, node, needs_grad, mode)
-        nodes[node.name] = _node_cost(node, tensors, names, work, device)
+        nodes[node.name] = node_cost(node_work(node, tensors, work), names, device)
     return CostTable(device=device, nodes=nodes, param_bytes=param_bytes)
 
 
-def _node_cost(node: fx.Node, tensors: dict[str, torch.Tensor], names: tuple[str, ...], work: _Work,
-               device: DeviceSpec) -> NodeCost:
-    output_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(node.meta.get("val"))
-                       if isinstance(t, torch.Tensor))
-    input_bytes = sum(tensor_bytes(a) for a in node.all_input_nodes if a.op != "get_attr")
+ValueOf = Callable[[fx.Node], object]  # a node's value: its meta["val"], or a symbolic-size one
+
+
+def meta_value(node: fx.Node) -> object:
+    return node.meta.get("val")
+
+
+@dataclass(frozen=True)
+class NodeWork:
+    """What one node does before a device turns it into time: FLOPs and bytes of F, B and W.
+
+    Plain ints here; SymInts when pipecc.passes.symbolic runs the same code on symbolic sizes."""
+
+    flops_forward: int
+    flops_backward_input: int
+    flops_backward_weight: int
+    bytes_forward: int
+    bytes_backward_input: int
+    bytes_backward_weight: int
+    output_bytes: int
+    saved_bytes: int
+    has_input_grad: bool
+    trainable: bool
+
+
+def node_work(node: fx.Node, tensors: dict[str, torch.Tensor], work: _Work, value_of: ValueOf = meta_value) -> NodeWork:
+    """The FLOPs and bytes of `node`'s F, B and W, given what _measure found."""
+    output_bytes = _value_bytes(value_of(node))
+    input_bytes = sum(_value_bytes(value_of(a)) for a in node.all_input_nodes
+                      if a.op != "get_attr" and isinstance(value_of(a), torch.Tensor))
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     trainable = any(t.requires_grad for t in tensors.values())
     bytes_forward = 0 if work.is_view else input_bytes + output_bytes + weight_bytes
     # Backward-input reads the output grad and what was saved, and writes the input grads:
     # about the forward's traffic. Backward-weight reads the output grad and writes weight grads.
-    bytes_b = bytes_forward if work.has_input_grad else 0
-    bytes_w = output_bytes + 2 * weight_bytes if trainable else 0
-    return NodeCost(
+    return NodeWork(
         flops_forward=work.flops_forward,
         flops_backward_input=work.flops_backward_input,
         flops_backward_weight=work.flops_backward_weight,
         bytes_forward=bytes_forward,
+        bytes_backward_input=bytes_forward if work.has_input_grad else 0,
+        bytes_backward_weight=output_bytes + 2 * weight_bytes if trainable else 0,
         output_bytes=output_bytes,
         saved_bytes=work.saved_bytes,
-        param_names=names,
-        forward_ms=device.compute_ms(work.flops_forward, bytes_forward),
-        backward_input_ms=device.compute_ms(work.flops_backward_input, bytes_b) if work.has_input_grad else 0.0,
-        backward_weight_ms=device.compute_ms(work.flops_backward_weight, bytes_w) if trainable else 0.0,
+        has_input_grad=work.has_input_grad,
+        trainable=trainable,
+    )
+
+
+def _value_bytes(value: object) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def node_cost(work: NodeWork, param_names: tuple[str, ...], device: DeviceSpec) -> NodeCost:
+    """The NodeCost of a node that does `work`, timed by the roofline of `device`."""
+    return NodeCost(
+        flops_forward=work.flops_forward,
+        flops_backward_input=work.flops_backward_input,
+        flops_backward_weight=work.flops_backward_weight,
+        bytes_forward=work.bytes_forward,
+        output_bytes=work.output_bytes,
+        saved_bytes=work.saved_bytes,
+        param_names=param_names,
+        forward_ms=device.compute_ms(work.flops_forward, work.bytes_forward),
+        backward_input_ms=(device.compute_ms(work.flops_backward_input, work.bytes_backward_input)
+                           if work.has_input_grad else 0.0),
+        backward_weight_ms=(device.compute_ms(work.flops_backward_weight, work.bytes_backward_weight)
+                            if work.trainable else 0.0),
     )
 
 
@@ -91,7 +137,7 @@ def _measure(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], mode: Fake
         return _MEASURED[key]
     try:
         with mode:
-            work = _measure_in_mode(gm, node, needs_grad)
+            work = measure_in_mode(gm, node, needs_grad)
     except Exception as err:  # an op without a fake kernel or a backward: fall back to bytes only
         log.debug("cost of %s estimated from bytes only: %s", node.name, err)
         work = _Work(0, 0, 0, tensor_bytes(node), False, node.name in needs_grad)
@@ -99,7 +145,8 @@ def _measure(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], mode: Fake
     return work
 
 
-def node_signature(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) -> tuple[object, ...]:
+def node_signature(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str],
+                   value_of: ValueOf = meta_value) -> tuple[object, ...]:
     """Everything a node's cost depends on: the op, its settings, and the shapes and grad flags it sees.
 
     Nodes of repeated blocks share a signature, so each signature is measured (or profiled) once."""
@@ -112,7 +159,7 @@ def node_signature(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) -> t
         if arg.op == "get_attr":
             real = _attr(gm, str(arg.target))
             return describe(real, isinstance(real, torch.Tensor) and real.requires_grad)
-        return tuple(describe(v, arg.name in needs_grad) for v in tree_leaves(arg.meta.get("val")))
+        return tuple(describe(v, arg.name in needs_grad) for v in tree_leaves(value_of(arg)))
 
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
@@ -134,7 +181,8 @@ def _fresh(value: object, requires_grad: bool) -> object:
     return value
 
 
-def _measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) -> _Work:
+def measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], value_of: ValueOf = meta_value) -> _Work:
+    """FLOPs of F, B and W and the saved bytes of `node`, run alone in the active fake mode."""
     activations: list[torch.Tensor] = []
     params: dict[str, torch.Tensor] = {}
 
@@ -144,7 +192,7 @@ def _measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) ->
             fake = _fresh(real, isinstance(real, torch.Tensor) and real.requires_grad)
             params[str(arg.target)] = fake
             return fake
-        value = tree_map(lambda v: _fresh(v, arg.name in needs_grad), arg.meta.get("val"))
+        value = tree_map(lambda v: _fresh(v, arg.name in needs_grad), value_of(arg))
         activations.extend(v for v in tree_leaves(value) if isinstance(v, torch.Tensor) and v.requires_grad)
         return value
 
@@ -168,7 +216,7 @@ def _measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str]) ->
     def pack(t: torch.Tensor) -> torch.Tensor:
         ref = StorageWeakRef(t.untyped_storage())
         if ref not in param_storages:
-            saved[ref] = max(saved.get(ref, 0), t.numel() * t.element_size())
+            saved[ref] = torch.sym_max(saved.get(ref, 0), t.numel() * t.element_size())
         return t
 
     with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

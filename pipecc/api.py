@@ -18,7 +18,8 @@ from pipecc.plan import Plan
 def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn: Callable[..., torch.Tensor],
             example_target: torch.Tensor, num_stages: int, num_microbatches: int, schedule: str = "1f1b",
             device: DeviceSpec | str = "cpu", max_memory_bytes: int | None = None, cost_model: str = "analytic",
-            profile_cache_dir: str | Path | None = None, cluster: Cluster | str | Path | None = None) -> Plan:
+            profile_cache_dir: str | Path | None = None, cluster: Cluster | str | Path | None = None,
+            symbolic_sizes: bool = False) -> Plan:
     """Compile `model` into a pipeline Plan of `num_stages` balanced stages.
 
     `example_inputs` and `example_target` are one full batch (dim 0 is the batch); the step
@@ -29,6 +30,10 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     device spec; the times are cached in `profile_cache_dir` (default: $PIPECC_CACHE_DIR, or
     ~/.cache/pipecc).
 
+    `symbolic_sizes=True` keeps every stage's time and memory as formulas in the micro-batch size:
+    `plan.what_if(microbatch_size=2 * b)` then predicts a step without tracing again, and
+    `plan.report(formulas=True)` prints them.
+
     `cluster` (a Cluster or its JSON file) gives each rank's speed relative to `device`, its
     memory and its link: stages are then balanced on time at each rank's speed, within each
     rank's memory. Default: identical ranks.
@@ -38,7 +43,8 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     device_name = device.name if isinstance(device, DeviceSpec) else device
     config = Config(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                     device=device_name, max_memory_bytes=max_memory_bytes, cost_model=cost_model,
-                    profile_cache_dir=str(default_cache_dir(profile_cache_dir)) if cost_model == "profile" else None)
+                    profile_cache_dir=str(default_cache_dir(profile_cache_dir)) if cost_model == "profile" else None,
+                    symbolic_sizes=symbolic_sizes)
     if cluster is not None and not isinstance(cluster, Cluster):
         cluster = Cluster.load(cluster)
     return compile_plan(model, example_inputs, loss_fn, example_target, config, device, cluster=cluster)

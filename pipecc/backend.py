@@ -17,9 +17,10 @@ parameter's `.grad` what the unpartitioned step would have left there.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -35,20 +36,30 @@ log = logging.getLogger(__name__)
 _LOSS_RTOL = 1e-4
 
 
+# Options of the backend itself; every other option is a keyword argument of pipecc.compile.
+_BACKEND_ONLY = {"memory_limit": None, "timeout_s": 300.0}
+_NOT_OPTIONS = {"loss_fn", "example_target"}  # the backend supplies these
+
+
+def compile_option_names() -> tuple[str, ...]:
+    """The keyword arguments of pipecc.compile that torch.compile's options= may set."""
+    from pipecc.api import compile as compile_plan
+
+    params = inspect.signature(compile_plan).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _NOT_OPTIONS)
+
+
 @dataclass(frozen=True)
 class BackendOptions:
-    """The `options=` of torch.compile(backend="pipecc"); the names of pipecc.compile's arguments.
+    """The `options=` of torch.compile(backend="pipecc"): pipecc.compile's keyword arguments
+    (num_stages, num_microbatches, schedule, device, max_memory_bytes, ...), plus `memory_limit`
+    (the text form of max_memory_bytes, "20GiB") and `timeout_s` (how long a rank waits for a peer).
 
     num_stages defaults to the process group's size times the schedule's stages per rank
     (2 stages without a process group); num_microbatches defaults to num_stages.
-    `memory_limit` is the text form ("20GiB") of `max_memory_bytes`.
     """
 
-    num_stages: int | None = None
-    num_microbatches: int | None = None
-    schedule: str = "1f1b"
-    device: str = "cpu"
-    max_memory_bytes: int | None = None
+    compile_kwargs: Mapping[str, object]
     memory_limit: str | None = None
     timeout_s: float = 300.0
 
@@ -56,26 +67,39 @@ class BackendOptions:
     def parse(options: Mapping[str, object] | None) -> BackendOptions:
         """The options, checked by name; ConfigError naming an unknown one and listing the known."""
         options = dict(options or {})
-        known = [f.name for f in fields(BackendOptions)]
+        known = [*compile_option_names(), *_BACKEND_ONLY]
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ConfigError(f"torch.compile(backend='pipecc') got unknown option{'s' if len(unknown) > 1 else ''} "
                               f"{', '.join(map(repr, unknown))}.\nThe options are {', '.join(known)}.")
-        return BackendOptions(**options)  # type: ignore[arg-type]
+        own = {name: options.pop(name, default) for name, default in _BACKEND_ONLY.items()}
+        return BackendOptions(compile_kwargs=options, **own)  # type: ignore[arg-type]
 
-    def resolved(self) -> tuple[int, int, int | None]:
-        """(num_stages, num_microbatches, max_memory_bytes) with the defaults filled in."""
+    def resolved(self) -> dict[str, object]:
+        """pipecc.compile's keyword arguments, with the defaults that depend on the process group filled in."""
         from pipecc.cli import parse_bytes
         from pipecc.passes.schedules import schedule_kind
 
-        kind = schedule_kind(self.schedule)
+        kwargs = dict(self.compile_kwargs)
+        schedule = str(kwargs.get("schedule", "1f1b"))
         grouped = dist.is_available() and dist.is_initialized()
-        num_stages = self.num_stages or (dist.get_world_size() * kind.stages_per_rank if grouped else 2)
-        num_microbatches = self.num_microbatches or num_stages
-        if self.memory_limit is not None and self.max_memory_bytes is not None:
-            raise ConfigError("options memory_limit and max_memory_bytes both given.\nPass one of them.")
-        limit = parse_bytes(self.memory_limit) if self.memory_limit is not None else self.max_memory_bytes
-        return num_stages, num_microbatches, limit
+        if grouped and "num_ranks" in compile_option_names():
+            kwargs.setdefault("num_ranks", dist.get_world_size())
+        if "num_stages" not in kwargs:
+            per_rank = schedule_kind(schedule).stages_per_rank if schedule in _registered() else 1
+            kwargs["num_stages"] = dist.get_world_size() * per_rank if grouped else 2
+        kwargs.setdefault("num_microbatches", kwargs["num_stages"])
+        if self.memory_limit is not None:
+            if kwargs.get("max_memory_bytes") is not None:
+                raise ConfigError("options memory_limit and max_memory_bytes both given.\nPass one of them.")
+            kwargs["max_memory_bytes"] = parse_bytes(self.memory_limit)
+        return kwargs
+
+
+def _registered() -> tuple[str, ...]:
+    from pipecc.passes.schedules import SCHEDULES
+
+    return tuple(SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -228,14 +252,12 @@ def compile_graph(module: fx.GraphModule, batch: Sequence[torch.Tensor], opts: B
     """pipecc.compile of the dynamo graph, with a dummy target (the loss needs none)."""
     from pipecc.api import compile as compile_plan
 
-    num_stages, num_microbatches, limit = opts.resolved()
     if not batch:
         raise ConfigError("the compiled step takes no tensor arguments, so there is no batch to split into "
                           "micro-batches.\nPass the batch (inputs and targets) as arguments of the compiled function.")
     dummy_target = torch.zeros(batch[0].shape[0])
     return compile_plan(module, tuple(batch), loss_fn=_loss_is_output, example_target=dummy_target,
-                        num_stages=num_stages, num_microbatches=num_microbatches, schedule=opts.schedule,
-                        device=opts.device, max_memory_bytes=limit)
+                        **opts.resolved())  # type: ignore[arg-type]
 
 
 def check_loss_is_batch_mean(gm: fx.GraphModule, example_inputs: Sequence[object], inputs: GraphInputs,
@@ -245,7 +267,7 @@ def check_loss_is_batch_mean(gm: fx.GraphModule, example_inputs: Sequence[object
     A pipeline averages its micro-batches' losses (and gradients). That equals the step without
     the backend only for a loss that is a mean over the batch, with no batch statistics
     (BatchNorm in training mode) or randomness (dropout) inside; checked once, on the example batch."""
-    _, num_microbatches, _ = opts.resolved()
+    num_microbatches = int(opts.resolved()["num_microbatches"])  # type: ignore[call-overload]
     if num_microbatches == 1 or not inputs.batch_positions:
         return
     args = list(example_inputs)

@@ -25,6 +25,7 @@ class Config:
     num_ranks: int | None = None  # defaults to the schedule's placement (one stage per rank)
     cost_model: str = "analytic"  # "analytic" (roofline on the device spec) or "profile" (measured)
     profile_cache_dir: str | None = None  # where cost_model="profile" caches its times; None: no cache
+    symbolic_sizes: bool = False  # keep cost formulas in the micro-batch size (plan.what_if, report(formulas=True))
 
 
 @dataclass(frozen=True)

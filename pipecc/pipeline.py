@@ -23,6 +23,7 @@ from pipecc.passes.schedules import schedule_kind
 from pipecc.passes.schedules.verify import check_schedule
 from pipecc.passes.split_backward import needs_split_backward, split_backward_stages
 from pipecc.passes.split_stages import check_stages, split_stages
+from pipecc.passes.symbolic import stage_formulas, symbolic_costs
 from pipecc.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,13 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
     if needs_split_backward(schedule):
         with pass_context("split_backward"):  # F/B/W graphs; a stage that cannot be split logs why
             stages = split_backward_stages(stages)
+    formulas = None
+    if config.symbolic_sizes:
+        with pass_context("symbolic_costs"):  # roofline formulas in the micro-batch size, for what-if questions
+            formulas = stage_formulas(symbolic_costs(captured, spec), stages, [in_flight(s) for s in range(num_stages)])
     return Plan(config=config, device=spec, stages=stages, schedule=schedule,
                 input_specs=Plan.batch_specs(example_inputs), target_spec=Plan.batch_specs([example_target])[0],
-                capture_method=captured.method)
+                capture_method=captured.method, cost_formulas=formulas)
 
 
 COST_MODELS = ("analytic", "profile")

@@ -18,7 +18,8 @@ class Plan:
     """A model cut into pipeline stages, with a schedule saying what each rank does when."""
 
     def __init__(self, *, config: Config, device: DeviceSpec, stages: Sequence[Stage], schedule: Schedule,
-                 input_specs: Sequence[TensorSpec], target_spec: TensorSpec, capture_method: str) -> None:
+                 input_specs: Sequence[TensorSpec], target_spec: TensorSpec, capture_method: str,
+                 cost_formulas: Sequence["StageFormulas"] | None = None) -> None:  # noqa: F821
         self.config = config
         self.device = device
         self.stages = tuple(stages)
@@ -26,6 +27,7 @@ class Plan:
         self.input_specs = tuple(input_specs)  # at full batch size
         self.target_spec = target_spec
         self.capture_method = capture_method
+        self.cost_formulas = tuple(cost_formulas) if cost_formulas is not None else None  # symbolic_sizes=True
 
     @property
     def num_ranks(self) -> int:
@@ -35,8 +37,9 @@ class Plan:
     def batch_specs(tensors: Sequence[torch.Tensor]) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec.of(t, requires_grad=False) for t in tensors)
 
-    def report(self) -> str:
-        """The per-stage table, the imbalance, and the schedule."""
+    def report(self, *, formulas: bool = False) -> str:
+        """The per-stage table, the imbalance, and the schedule; with `formulas`, each stage's
+        cost formulas in the micro-batch size b (compile with symbolic_sizes=True)."""
         c = self.config
         lines = [
             f"pipecc plan: {len(self.stages)} stages on {self.num_ranks} ranks, schedule {self.schedule.name}, "
@@ -51,6 +54,13 @@ class Plan:
             "schedule:",
             format_schedule(self.schedule),
         ]
+        if formulas:
+            from pipecc.passes.symbolic import format_formulas
+
+            if self.cost_formulas is None:
+                raise ConfigError("report(formulas=True): this plan keeps no cost formulas.\n"
+                                  "Compile with symbolic_sizes=True (pipecc report --formulas).")
+            lines += ["", format_formulas(self.cost_formulas)]
         return "\n".join(lines)
 
     def simulate(self) -> "Timeline":  # noqa: F821
@@ -58,6 +68,20 @@ class Plan:
         from pipecc.passes.simulate import simulate
 
         return simulate(self.schedule, [s.cost for s in self.stages])
+
+    def what_if(self, microbatch_size: int) -> "Timeline":  # noqa: F821
+        """The predicted timeline of one step with micro-batches of `microbatch_size`, the same
+        partition and schedule, from the cost formulas (compile with symbolic_sizes=True): no re-tracing."""
+        from pipecc.passes.simulate import simulate
+
+        return simulate(self.schedule, self.stage_costs_at(microbatch_size))
+
+    def stage_costs_at(self, microbatch_size: int) -> tuple["StageCost", ...]:  # noqa: F821
+        """Every stage's cost at micro-batch size `microbatch_size`, from the cost formulas."""
+        if self.cost_formulas is None:
+            raise ConfigError("this plan keeps no cost formulas.\n"
+                              "Compile with symbolic_sizes=True to ask what-if questions about the micro-batch size.")
+        return tuple(f.at(microbatch_size, s.cost) for f, s in zip(self.cost_formulas, self.stages))
 
     def _prediction(self) -> str:
         timeline = self.simulate()
