@@ -7,11 +7,12 @@ propagation at micro-batch shapes, so no real compute runs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 import pipecc.errors
 from pipecc.errors import CaptureError, ConfigError
 from pipecc.ir import Captured
-from pipecc.passes.graph_facts import CONSTANT_TYPES
+from pipecc.passes.graph_facts import CONSTANT_TYPES, grad_nodes, output_node
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: L
     the loss. Parameters in the graph module are the very tensors of `model`, so gradients
     computed through it land in `model`'s `.grad`.
     """
+    check_model_and_loss(model, loss_fn)
     batch_size = check_batch(example_inputs, example_target, num_microbatches)
     microbatch_size = batch_size // num_microbatches
     mb_inputs = tuple(t[:microbatch_size] for t in example_inputs)
@@ -47,8 +49,9 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: L
     for method, trace in (("symbolic_trace", _trace_fx), ("export(strict=False)", _trace_export_nonstrict),
                           ("export(strict=True)", _trace_export_strict)):
         try:
-            gm = trace(model, loss_fn, mb_inputs, mb_target)
-            propagate_fake_values(gm, (*mb_inputs, mb_target))
+            with preserved_buffers(model):  # fake propagation still bumps BatchNorm's num_batches_tracked
+                gm = trace(model, loss_fn, mb_inputs, mb_target)
+                propagate_fake_values(gm, (*mb_inputs, mb_target))
         except ConfigError:
             raise  # bad input (a missing argument): no other tracer can fix it
         except Exception as err:  # every tracer reports failure differently; we report them all
@@ -57,6 +60,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: L
             continue
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         check_loss_output(gm)
+        check_loss_is_trainable(gm, model)
+        check_inputs_not_mutated(gm, model, placeholders)
         return Captured(
             graph_module=gm,
             input_names=tuple(placeholders[:-1]),
@@ -67,6 +72,29 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: L
             method=method,
         )
     raise untraceable_error(model, failures)
+
+
+def check_model_and_loss(model: object, loss_fn: object) -> None:
+    """ConfigError unless `model` is an nn.Module and `loss_fn` is callable (before any tracer runs,
+    which would report them as an untraceable model)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model is a {type(model).__name__}, not a torch.nn.Module.\n"
+                          "Wrap the function in an nn.Module whose forward calls it.")
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn is {loss_fn!r}, not a callable.\n"
+                          "Pass loss_fn=f where f(model_output, target) returns the scalar loss of a batch.")
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer of `model` on exit: compiling must not change the model's state."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def check_batch(example_inputs: Sequence[torch.Tensor], example_target: torch.Tensor,
@@ -110,6 +138,7 @@ def check_batch(example_inputs: Sequence[torch.Tensor], example_target: torch.Te
 def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...],
               target: torch.Tensor) -> fx.GraphModule:
     tracer = fx.Tracer()
+    tracer.record_stack_traces = True  # errors and refusals name the user's source line
     unused = _unsupplied_arguments(model, len(inputs))
     graph = tracer.trace(model, concrete_args=unused or None)
     _drop_specialised_placeholders(graph, unused)
@@ -122,7 +151,8 @@ def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...
     proxies = fx.node.map_arg(model_output, lambda n: fx.Proxy(n, tracer))
     loss = loss_fn(proxies, fx.Proxy(target_node, tracer))
     if not isinstance(loss, fx.Proxy):
-        raise CaptureError(f"loss_fn returned {type(loss).__name__}, not a tensor computed from the model output.")
+        raise ConfigError(f"loss_fn returned {type(loss).__name__}, not a tensor computed from the model output.\n"
+                          "Return the loss tensor itself (no .item(), no float()), e.g. F.mse_loss(output, target).")
     graph.output(loss.node)
     gm = fx.GraphModule(model, graph)
     if unused:
@@ -235,7 +265,13 @@ class _FakeValueProp(FakeTensorProp):
     that no stage boundary may cut; they are as static as a size."""
 
     def run_node(self, n: fx.Node) -> object:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception as err:
+            site = node_site(n)
+            if site:
+                err.add_note(f"{_SITE_NOTE}{site}")
+            raise
         if "val" not in n.meta and all(isinstance(leaf, CONSTANT_TYPES) for leaf in tree_leaves(result)):
             n.meta["val"] = result
         return result
@@ -260,6 +296,84 @@ def check_loss_output(gm: fx.GraphModule) -> None:
         )
 
 
+def check_loss_is_trainable(gm: fx.GraphModule, model: nn.Module) -> None:
+    """ConfigError unless the loss depends on at least one parameter that requires grad."""
+    loss = output_node(gm).args[0]
+    if isinstance(loss, fx.Node) and loss.name not in grad_nodes(gm):
+        check_no_opaque_objects(gm, model)
+        raise ConfigError(
+            f"the loss of {type(model).__name__} depends on no trainable parameter "
+            f"({sum(p.requires_grad for p in model.parameters())} of {len(list(model.parameters()))} "
+            "parameters require grad), so a training step has nothing to compute.\n"
+            "Unfreeze parameters (requires_grad_(True)) or run the model without pipecc."
+        )
+
+
+def check_no_opaque_objects(gm: fx.GraphModule, model: nn.Module) -> None:
+    """ConfigError if the graph builds an object pipecc cannot look into (a dataclass such as a
+    ModelOutput, a custom class): gradients flowing through it would be invisible to the partitioner."""
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output") or not node.users or "val" in node.meta:
+            continue  # fake propagation records tensors, pytrees of them and constants; not other objects
+        site = node_site(node)
+        made = node.target if node.op == "call_function" and isinstance(node.target, type) else None
+        what = f"an object of type {made.__name__}" if made else "an object that is no tensor"
+        raise ConfigError(
+            f"{type(model).__name__} builds {what} at graph node {node.name}"
+            f"{f' ({site})' if site else ''}, and pipecc can follow gradients only through tensors, tuples, "
+            "lists and dicts.\nReturn a tuple or a dict of tensors instead (loss_fn can pick from it: "
+            "out[\"logits\"]), or build the object outside the model."
+        )
+
+
+_VIEW_OPS = {"view", "reshape", "__getitem__", "getitem", "transpose", "permute", "unsqueeze", "squeeze",
+             "flatten", "unflatten", "narrow", "select", "t", "expand", "expand_as", "view_as", "detach",
+             "as_strided", "chunk", "split", "unbind", "movedim", "diagonal", "alias"}
+_MUTATING_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                       "setitem"}
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]  # aten::mul_ -> mul_
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _mutates_first_argument(node: fx.Node, gm: fx.GraphModule) -> bool:
+    name = _op_name(node)
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if name in _MUTATING_FUNCTIONS or node.kwargs.get("inplace") is True:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return bool(node.target._schema.arguments) and node.target._schema.arguments[0].is_write
+    return name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
+
+
+def check_inputs_not_mutated(gm: fx.GraphModule, model: nn.Module, placeholders: Sequence[str]) -> None:
+    """ConfigError if the model or loss writes into an input or the target (or a view of one) in place:
+    every rank is handed its own copy of the batch, so a write made in one stage would not reach the
+    stages of other ranks, and the user's tensor would change under the caller."""
+    aliases = {n: "the target" if n.name == placeholders[-1] else f"its input {n.name}"
+               for n in gm.graph.nodes if n.op == "placeholder" and n.name in placeholders}
+    for node in gm.graph.nodes:
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node) or first not in aliases or node.op == "output":
+            continue
+        if _mutates_first_argument(node, gm):
+            site = node_site(node)
+            where = f", {site}" if site else ""
+            raise ConfigError(
+                f"{type(model).__name__} or loss_fn writes into {aliases[first]} in place "
+                f"({_op_name(node)} at graph node {node.name}{where}).\n"
+                "Every rank holds its own copy of the batch, so the write would not reach stages on other ranks: "
+                "compute out of place instead (x = x * 2, not x.mul_(2) or x *= 2; nn.ReLU(inplace=False))."
+            )
+        if _op_name(node) in _VIEW_OPS:
+            aliases[node] = aliases[first]
+
+
 def canonical_names(gm: fx.GraphModule, model: nn.Module) -> dict[str, str]:
     """Qualified name of each parameter/buffer in gm -> its (deduplicated) name in `model`."""
     by_identity: dict[int, str] = {}
@@ -277,12 +391,43 @@ def untraceable_error(model: nn.Module, failures: list[tuple[str, BaseException]
     for method, err in failures:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         lines.append(f"  {method}: {type(err).__name__}: {first_line[:300]}{_user_frame(err)}")
-    lines.append(
-        "Fix: replace Python control flow on tensor values (`if x.sum() > 0:`, `for` over a tensor, "
-        ".item(), .tolist()) with tensor ops such as torch.where(cond, a, b) or a mask; "
-        "branching on shapes (`if x.shape[1] > 4:`) is fine."
-    )
+    lines.append(_capture_fix(model, failures))
     return CaptureError("\n".join(lines))
+
+
+def _capture_fix(model: nn.Module, failures: list[tuple[str, BaseException]]) -> str:
+    """The fix line for the commonest reasons no tracer works, told apart by the tracers' errors."""
+    text = " ".join(f"{type(err).__name__}: {err}" for _, err in failures)
+    if "DynamicOutputShape" in text or "data-dependent" in text.lower() and "shape" in text.lower():
+        return ("Fix: an op's output shape depends on tensor values (nonzero, masked_select, unique, boolean "
+                "indexing); pipeline stages need static shapes, so use a fixed-shape mask or torch.where instead.")
+    if "is invalid for input of size" in text or "shape mismatch" in text.lower():
+        return ("Fix: the model seems to hard-code the batch size, but pipecc traces it at micro-batch size; "
+                "use x.shape[0] or -1 (x.view(-1, 4), not x.view(8, 4)).")
+    if "has no attribute 'size'" in text or "has no attribute 'dim'" in text:
+        return (f"Fix: {type(model).__name__} returns a tuple, dict or output object and loss_fn treats it as a "
+                "tensor; pass a loss_fn that picks the tensor, e.g. loss_fn=lambda out, t: F.cross_entropy(out[0], t) "
+                "or out[\"logits\"] or out.logits.")
+    return ("Fix: replace Python control flow on tensor values (`if x.sum() > 0:`, `for` over a tensor, "
+            ".item(), .tolist()) with tensor ops such as torch.where(cond, a, b) or a mask; "
+            "branching on shapes (`if x.shape[1] > 4:`) is fine.")
+
+
+_SITE_NOTE = "pipecc: failed at "
+
+
+def node_site(node: fx.Node) -> str:
+    """'file.py:LINE in fn: code' of the user's line that made `node` ('' when the tracer kept no trace)."""
+    lines = (node.meta.get("stack_trace") or "").rstrip().splitlines()
+    ours = (os.path.dirname(torch.__file__), os.path.dirname(__file__), os.path.dirname(pipecc.errors.__file__))
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if line.startswith("File \"") and ", line " in line and not line[len("File \""):].startswith(ours):
+            path, _, rest = line[len("File \""):].partition("\", line ")
+            lineno, _, fn = rest.partition(", in ")
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{os.path.basename(path)}:{lineno} in {fn}: {code}"
+    return ""
 
 
 def _user_frame(err: BaseException) -> str:
@@ -291,7 +436,8 @@ def _user_frame(err: BaseException) -> str:
     ours = (torch_dir, os.path.dirname(__file__), os.path.dirname(pipecc.errors.__file__))
     frames = [f for f in traceback.extract_tb(err.__traceback__)
               if not f.filename.startswith(ours) and "<" not in f.filename]
-    if not frames:
-        return ""
+    if not frames:  # raised while running the graph: the site the tracer recorded for the node
+        sites = [n[len(_SITE_NOTE):] for n in getattr(err, "__notes__", ()) if n.startswith(_SITE_NOTE)]
+        return f" (at {sites[0]})" if sites else ""
     frame = frames[-1]
     return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()})"

@@ -97,5 +97,7 @@ def check_config(config: Config) -> None:
     if config.cost_model not in COST_MODELS:
         raise ConfigError(f"cost_model={config.cost_model!r}; it must be one of {', '.join(COST_MODELS)}.\n"
                           "Pass cost_model=\"analytic\" (roofline on the device spec) or \"profile\" (measured).")
-    if config.max_memory_bytes is not None and config.max_memory_bytes <= 0:
-        raise ConfigError(f"max_memory_bytes={config.max_memory_bytes}; it must be positive (or None for no limit).")
+    limit = config.max_memory_bytes
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+        raise ConfigError(f"max_memory_bytes={limit!r}; it must be positive, an int number of bytes (or None for no limit).\n"
+                          "Pass an int, e.g. max_memory_bytes=20 * 2**30 for 20 GiB.")
