@@ -39,19 +39,27 @@ class _Work:
 
 def annotate_costs(captured: Captured, device: DeviceSpec) -> CostTable:
     """A CostTable with a NodeCost for every compute node of the captured graph. Deterministic."""
+    works, param_names, param_bytes = annotate_work(captured)
+    nodes = {name: node_cost(work, param_names[name], device) for name, work in works.items()}
+    return CostTable(device=device, nodes=nodes, param_bytes=param_bytes)
+
+
+def annotate_work(captured: Captured) -> tuple[dict[str, NodeWork], dict[str, tuple[str, ...]], dict[str, int]]:
+    """Per compute node its NodeWork and the canonical names of the parameters it reads; and the
+    bytes of every parameter. What annotate_costs times on a device, and calibrate fits one to."""
     gm = captured.graph_module
     needs_grad = grad_nodes(gm)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    nodes: dict[str, NodeCost] = {}
+    works: dict[str, NodeWork] = {}
+    param_names: dict[str, tuple[str, ...]] = {}
     param_bytes: dict[str, int] = {}
     for node in compute_nodes(gm):
         tensors = dict(node_tensors(gm, node))
-        names = tuple(dict.fromkeys(captured.canonical_names.get(q, q) for q in tensors))
+        param_names[node.name] = tuple(dict.fromkeys(captured.canonical_names.get(q, q) for q in tensors))
         for qualified, tensor in tensors.items():
             param_bytes[captured.canonical_names.get(qualified, qualified)] = tensor.numel() * tensor.element_size()
-        work = _measure(gm, node, needs_grad, mode)
-        nodes[node.name] = node_cost(node_work(node, tensors, work), names, device)
-    return CostTable(device=device, nodes=nodes, param_bytes=param_bytes)
+        works[node.name] = node_work(node, tensors, _measure(gm, node, needs_grad, mode))
+    return works, param_names, param_bytes
 
 
 ValueOf = Callable[[fx.Node], object]  # a node's value: its meta["val"], or a symbolic-size one

@@ -1,0 +1,110 @@
+"""Calibration benchmark: predicted vs measured step time per model and schedule, 2 gloo ranks.
+
+    python benchmarks/calibration.py                      # all examples, gpipe and 1f1b
+    python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5
+
+1. Fits a device spec to this machine (`pipecc.calibration.calibrate`: stage runs of the
+   examples, gloo ping-pong) and writes it as JSON.
+2. Profile consistency: per stage, the sum of the profiled node times (cost_model="profile")
+   against one whole-stage run (forward + backward), as a ratio.
+3. For every model and schedule, compiles three plans (the `cpu` preset, the fitted spec, and
+   profiled costs with the fitted link) and measures their steps on 2 local gloo ranks, one
+   intra-op thread each, stepped round-robin; prints predicted, measured, and the error.
+
+Timings on a shared machine are noisy: rerun and compare before trusting a digit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+import pipecc  # noqa: E402
+from pipecc.calibration import Variant, calibrate, compare_steps, write_device  # noqa: E402
+from pipecc.passes.profile import measure_stage_times  # noqa: E402
+
+MODELS = ("gpt", "bert", "mlp", "resnet", "unet")
+
+
+def spec_of(name: str) -> str:
+    return str(Path(_ROOT) / "examples" / f"{name}.py") + ":build"
+
+
+def profile_consistency(names: list[str], cache_dir: str) -> None:
+    from pipecc.cli import build_model
+
+    print("\nprofile consistency: sum of profiled node times / measured whole-stage time (2 stages, 4 micro-batches)")
+    print(f"{'model':8s} {'stage':>5s} {'nodes ms':>9s} {'stage ms':>9s} {'ratio':>6s}")
+    ratios = []
+    for name in names:
+        model, inputs, loss_fn, target = build_model(spec_of(name))
+        plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2,
+                              num_microbatches=4, cost_model="profile", profile_cache_dir=cache_dir)
+        for stage, whole in zip(plan.stages, measure_stage_times(plan.stages, inputs, target, 4)):
+            measured = whole.forward_ms + whole.backward_ms
+            ratios.append(stage.cost.compute_ms / measured)
+            print(f"{name:8s} {stage.index:5d} {stage.cost.compute_ms:9.3f} {measured:9.3f} {ratios[-1]:6.2f}")
+    print(f"median ratio {statistics.median(ratios):.2f}, range {min(ratios):.2f}..{max(ratios):.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per plan (after one warm-up)")
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--device-out", default=None, help="where to write the fitted device JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as each gloo rank runs; profiled times and their cache key depend on it
+    work = tempfile.mkdtemp(prefix="pipecc-calibration-")
+    cache_dir = os.path.join(work, "profile-cache")
+    device_path = args.device_out or os.path.join(work, "device.json")
+
+    start = time.perf_counter()
+    calibration = calibrate([spec_of(m) for m in args.models])
+    write_device(calibration.device, device_path)
+    print(f"calibration took {time.perf_counter() - start:.1f} s; {calibration.summary()}")
+    print(f"device JSON: {device_path}")
+    print("link ping-pong (one way): " + ", ".join(f"{s.num_bytes} B {s.one_way_ms * 1e3:.0f} us"
+                                                   for s in calibration.link_samples))
+
+    profile_consistency(args.models, cache_dir)
+
+    variants = {"cpu preset": ("cpu", "analytic"), "calibrated": (device_path, "analytic"),
+                "profiled": (device_path, "profile")}
+    print(f"\npredicted vs measured step time, 2 gloo ranks x 1 thread, {args.microbatches} micro-batches, "
+          f"median of {args.steps} steps (error = predicted / measured - 1)")
+    header = f"{'model':8s} {'schedule':9s} {'measured':>9s}" + "".join(f" {k:>22s}" for k in variants)
+    print(header)
+    errors: dict[str, list[float]] = {k: [] for k in variants}
+    for name in args.models:
+        plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
+                         num_microbatches=args.microbatches)
+                 for s in args.schedules for d, c in variants.values()]
+        results = compare_steps(spec_of(name), plans, num_steps=args.steps)
+        for i, schedule in enumerate(args.schedules):
+            row = results[i * len(variants):(i + 1) * len(variants)]
+            # each variant may cut the model differently, so each has its own measured time
+            cells = "".join(f" {r.predicted_ms:7.2f}/{r.measured_ms:7.2f} {100 * r.error:+5.0f}%" for r in row)
+            print(f"{name:8s} {schedule:9s} {row[1].measured_ms:9.2f}{cells}", flush=True)
+            for key, r in zip(variants, row):
+                errors[key].append(abs(r.error))
+    print("\nmean |error| per cost model: " + ", ".join(
+        f"{k} {100 * statistics.mean(v):.1f}% (max {100 * max(v):.1f}%)" for k, v in errors.items()))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Calibration runs: measure this machine, fit a device spec, and compare predicted with measured
+steps over real gloo ranks. Behind `pipecc calibrate` and benchmarks/calibration.py.
+
+The fitting itself is `pipecc.passes.calibrate`; this module launches what it needs (example
+models compiled and timed stage by stage in this process; a ping-pong and pipelined steps on
+local gloo ranks, one intra-op thread each, as `pipecc run` trains).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pipecc.costs import DeviceSpec, resolve_device
+from pipecc.errors import ConfigError
+from pipecc.passes.calibrate import (ComputeFit, LinkSample, StageSample, calibrated_device, fit_compute, fit_link,
+                                     ping_pong_ms, stage_samples)
+from pipecc.passes.capture import capture
+from pipecc.passes.profile import ProfileSettings
+
+log = logging.getLogger(__name__)
+
+LINK_SIZES_BYTES = (1 << 10, 1 << 14, 1 << 18, 1 << 21)  # 1 KiB .. 2 MiB: the activations of the examples
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted device spec and the measurements behind it."""
+
+    device: DeviceSpec
+    compute: ComputeFit
+    samples: tuple[StageSample, ...]
+    link_samples: tuple[LinkSample, ...]
+
+    def summary(self) -> str:
+        d = self.device
+        return (f"fitted {d.name!r}: {d.peak_flops / 1e9:.2f} GFLOP/s, memory {d.memory_bandwidth_bytes_per_s / 1e9:.3f} GB/s, "
+                f"op overhead {d.op_overhead_ms * 1e3:.1f} us, link latency {d.link_latency_ms * 1e3:.1f} us, "
+                f"link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; RMS relative error over "
+                f"{len(self.samples)} stage runs {100 * self.compute.rms_relative_error:.1f}%")
+
+
+def _build(model_spec: str) -> tuple:
+    from pipecc.cli import build_model  # the CLI's MODEL syntax: path/to/file.py:factory or module:factory
+
+    return build_model(model_spec)
+
+
+def collect_samples(model_specs: Sequence[str], *, num_stages: int = 2, microbatch_counts: Sequence[int] = (2, 4),
+                    settings: ProfileSettings = ProfileSettings()) -> list[StageSample]:
+    """Forward and backward of every stage of every model, compiled at each micro-batch count, timed."""
+    import pipecc
+
+    samples: list[StageSample] = []
+    for spec in model_specs:
+        model, inputs, loss_fn, target = _build(spec)
+        for m in microbatch_counts:
+            plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=num_stages,
+                                  num_microbatches=m)
+            captured = capture(model, inputs, loss_fn, target, num_microbatches=m)
+            samples += stage_samples(_label(spec), captured, plan.stages, inputs, target, m, settings)
+    return samples
+
+
+def _label(model_spec: str) -> str:
+    return Path(model_spec.rpartition(":")[0]).stem.split(".")[-1]
+
+
+def _ping_pong_rank(sizes: Sequence[int]) -> list[LinkSample]:
+    return ping_pong_ms(sizes)
+
+
+def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSample]:
+    """One-way message times between two local gloo ranks."""
+    from pipecc.runtime.launch import spawn_local
+
+    return spawn_local(_ping_pong_rank, 2, tuple(sizes_bytes))[0]
+
+
+def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
+              measure_links: bool = True, settings: ProfileSettings = ProfileSettings()) -> Calibration:
+    """Fit a DeviceSpec to stage runs of `model_specs` on this machine (and to gloo ping-pongs)."""
+    if not model_specs:
+        raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
+    samples = collect_samples(model_specs, settings=settings)
+    compute = fit_compute(samples)
+    links = measure_link() if measure_links else []
+    device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None)
+    return Calibration(device, compute, tuple(samples), tuple(links))
+
+
+def write_device(device: DeviceSpec, path: str | Path) -> Path:
+    """Write `device` as a device JSON file (what `--device` and `device=` read)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(device.to_json(), indent=2) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to compile the model whose steps are measured."""
+
+    schedule: str
+    device: str  # preset name or device JSON path
+    cost_model: str = "analytic"
+    profile_cache_dir: str | None = None
+    num_microbatches: int = 4
+
+
+@dataclass(frozen=True)
+class StepComparison:
+    variant: Variant
+    predicted_ms: float
+    measured_ms: float  # median over steps of the slowest rank's step time
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured."""
+        return self.predicted_ms / self.measured_ms - 1.0
+
+
+def _compile(model_spec: str, variant: Variant, num_ranks: int):  # -> (Plan, inputs, target)
+    import pipecc
+
+    model, inputs, loss_fn, target = _build(model_spec)
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=num_ranks,
+                          num_microbatches=variant.num_microbatches, schedule=variant.schedule, device=variant.device,
+                          cost_model=variant.cost_model, profile_cache_dir=variant.profile_cache_dir)
+    return plan, inputs, target
+
+
+def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int) -> list[list[float]]:
+    """On each rank: every variant's plan, stepped round-robin (so load spikes hit all alike);
+    per variant, the slowest rank's time of each step."""
+    import torch.distributed as dist
+
+    runs = [_compile(model_spec, v, num_ranks) for v in variants]
+    runners = [plan.runner() for plan, _, _ in runs]
+    times: list[list[float]] = [[] for _ in variants]
+    for step in range(num_steps + 1):
+        for k, (runner, (_, inputs, target)) in enumerate(zip(runners, runs)):
+            dist.barrier()
+            start = time.perf_counter()
+            runner.step(*inputs, target=target)
+            elapsed = torch.tensor([(time.perf_counter() - start) * 1e3])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step > 0:  # the first step warms up allocators and connections
+                times[k].append(float(elapsed))
+    return times
+
+
+def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: int = 5,
+                  num_ranks: int = 2) -> list[StepComparison]:
+    """Predicted vs measured step time of each variant, over `num_ranks` local gloo ranks."""
+    from pipecc.runtime.launch import spawn_local
+
+    predicted = [_compile(model_spec, v, num_ranks)[0].simulate().step_time_ms for v in variants]
+    times = spawn_local(_steps_rank, num_ranks, model_spec, tuple(variants), num_steps, num_ranks)[0]
+    return [StepComparison(v, p, statistics.median(t)) for v, p, t in zip(variants, predicted, times)]
