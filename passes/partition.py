@@ -25,10 +25,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import fx
 
 from pipecc.cluster import Cluster, LinkSpec
@@ -254,16 +253,10 @@ def solve(problem: PartitionProblem, num_stages: int, *, max_memory_bytes: int |
         )
     places = place_stages(problem.device, num_stages, stage_to_rank, cluster)
     limits = rank_memory_limits(places, cluster, max_memory_bytes)
-    tables = _VectorTables(problem)
+    tables = _VectorTables(problem, places, [in_flight(s) for s in range(num_stages)])
     best: tuple[list[int], float] = ([], INF)
     for caps in stage_memory_caps(places, limits, in_flight):
-        def cost(stop: int, stage: int, caps: tuple[int | None, ...] = caps) -> torch.Tensor:
-            value = tables.cost_ms(stop, places[stage])
-            if caps[stage] is not None:
-                value = torch.where(tables.memory_bytes(stop, in_flight(stage)) > caps[stage], INF, value)
-            return value
-
-        result = _minmax(n, num_stages, cost)
+        result = _minmax(n, num_stages, lambda stop, caps=caps: tables.cost_ms(stop, caps))
         if result[1] < best[1]:
             best = result
     if best[1] == INF:
@@ -301,22 +294,25 @@ def stage_memory_caps(places: Sequence[StagePlace], limits: Sequence[int | None]
     return list(dict.fromkeys([split(lambda s: 1), split(in_flight)]))
 
 
-def _minmax(n: int, num_stages: int, cost: Callable[[int, int], torch.Tensor]) -> tuple[list[int], float]:
-    """min over cuts 0 < c1 < ... < c_{p-1} < n of max over stages of cost(stop, stage)[start]."""
-    best = torch.full((num_stages, n + 1), INF, dtype=torch.float64)
-    choice = torch.zeros((num_stages, n + 1), dtype=torch.long)
+def _minmax(n: int, num_stages: int, cost: Callable[[int], np.ndarray]) -> tuple[list[int], float]:
+    """min over cuts 0 < c1 < ... < c_{p-1} < n of max over stages s of cost(stop)[s, start].
+
+    `cost(stop)` gives every stage's cost of the range [start, stop) at once, shape (stages, stop),
+    so each `stop` is a handful of numpy operations whatever the number of stages (numpy, not
+    torch: at these sizes the per-call overhead is the cost, and numpy's is several times lower)."""
+    best = np.full((num_stages, n + 1), INF)
+    choice = np.zeros((num_stages, n + 1), dtype=np.int64)
+    later_stage = np.arange(1, num_stages)[:, None]
+    rows = np.arange(num_stages - 1)
     for stop in range(1, n + 1):
-        # stage s ends at `stop` only if stages after it still get a node each
-        for stage in range(max(0, num_stages - 1 - (n - stop)), min(num_stages, stop)):
-            stage_cost = cost(stop, stage)  # indexed by start, length stop
-            if stage == 0:
-                best[0, stop] = stage_cost[0]
-                continue
-            candidates = torch.maximum(best[stage - 1, :stop], stage_cost)
-            candidates[:stage] = INF  # earlier stages need one node each
-            start = int(torch.argmin(candidates))  # first minimum: ties go to the earliest cut
-            best[stage, stop] = candidates[start]
-            choice[stage, stop] = start
+        stage_cost = cost(stop)
+        best[0, stop] = stage_cost[0, 0]
+        if num_stages > 1:
+            candidates = np.maximum(best[:-1, :stop], stage_cost[1:])
+            candidates[np.arange(stop) < later_stage] = INF  # earlier stages need one node each
+            starts = np.argmin(candidates, axis=1)  # the first minimum: ties go to the earliest cut
+            best[1:, stop] = candidates[rows, starts]
+            choice[1:, stop] = starts
     cuts: list[int] = []
     stop = n
     for stage in range(num_stages - 1, 0, -1):
@@ -326,22 +322,25 @@ def _minmax(n: int, num_stages: int, cost: Callable[[int, int], torch.Tensor]) -
 
 
 class _VectorTables:
-    """Vector forms of PartitionProblem.stage_cost_ms / stage_memory_bytes over every start at once."""
+    """Vector forms of PartitionProblem.stage_cost_ms / stage_memory_bytes for every stage and start at once."""
 
-    def __init__(self, problem: PartitionProblem) -> None:
+    def __init__(self, problem: PartitionProblem, places: Sequence[StagePlace], in_flight: Sequence[int]) -> None:
         self.problem = problem
         traffic = problem.traffic
         self.time_prefix = _prefix(problem.node_ms)
         self.saved_prefix = _prefix(problem.saved_bytes)
-        self.activation = torch.from_numpy(np.ascontiguousarray(traffic.forward_bytes))
-        self.blocked = torch.from_numpy(~traffic.cuttable)
-        self._link_ms: dict[LinkSpec | None, torch.Tensor] = {}
-        self._memory_parts: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.activation = traffic.forward_bytes
+        self.blocked = ~traffic.cuttable
+        self.inverse_speed = np.array([[1.0 / p.speed] for p in places])
+        link_ms = {link: traffic.transfer_ms(link) for p in places for link in (p.link_in, p.link_out)}
+        self.link_in_ms = np.stack([link_ms[p.link_in] for p in places])  # (stages, N + 1)
+        self.link_out_ms = np.stack([link_ms[p.link_out] for p in places])
+        self.in_flight = np.array([[float(k)] for k in in_flight])
         uses: dict[str, list[int]] = {}
         for i, params in enumerate(problem.node_params):
             for name in dict.fromkeys(params):
                 uses.setdefault(name, []).append(i)
-        single = [0.0] * problem.num_nodes
+        single = np.zeros(problem.num_nodes)
         self.shared_uses: list[tuple[int, list[int]]] = []
         for name, where in uses.items():
             size = problem.param_bytes.get(name, 0)
@@ -351,41 +350,38 @@ class _VectorTables:
                 self.shared_uses.append((size, where))
         self.single_param_prefix = _prefix(single)
 
-    def link_ms(self, link: LinkSpec | None) -> torch.Tensor:
-        if link not in self._link_ms:
-            self._link_ms[link] = torch.from_numpy(self.problem.traffic.transfer_ms(link))
-        return self._link_ms[link]
+    def cost_ms(self, stop: int, caps: Sequence[int | None]) -> np.ndarray:
+        """(stages, stop): the time of [start, stop) as each stage; INF where it cannot be cut or
+        does not fit that stage's memory cap."""
+        compute = (self.time_prefix[stop] - self.time_prefix[:stop]) * self.inverse_speed
+        value = compute + self.link_in_ms[:, :stop] + self.link_out_ms[:, stop:stop + 1]
+        value[:, self.blocked[:stop] | self.blocked[stop]] = INF
+        if any(cap is not None for cap in caps):
+            limit = np.array([[INF if cap is None else float(cap)] for cap in caps])
+            value[self.memory_bytes(stop) > limit] = INF
+        return value
 
-    def cost_ms(self, stop: int, place: StagePlace) -> torch.Tensor:
-        if self.blocked[stop]:
-            return torch.full((stop,), INF, dtype=torch.float64)
-        compute = (self.time_prefix[stop] - self.time_prefix[:stop]) / place.speed
-        value = compute + self.link_ms(place.link_in)[:stop] + self.link_ms(place.link_out)[stop]
-        return torch.where(self.blocked[:stop], INF, value)
-
-    def param_bytes(self, stop: int) -> torch.Tensor:
+    def param_bytes(self, stop: int) -> np.ndarray:
         value = self.single_param_prefix[stop] - self.single_param_prefix[:stop]
         if self.shared_uses:
             # A parameter read at several nodes counts once per stage: it is in [start, stop)
             # exactly when its last use before `stop` is at or after `start`.
-            last_use_hist = torch.zeros(stop + 1, dtype=torch.float64)
+            last_use_hist = np.zeros(stop + 1)
             for size, where in self.shared_uses:
                 k = bisect.bisect_left(where, stop) - 1
                 if k >= 0:
                     last_use_hist[where[k]] += size
-            value = value + torch.flip(torch.cumsum(torch.flip(last_use_hist, [0]), 0), [0])[:stop]
+            value = value + np.cumsum(last_use_hist[::-1])[::-1][:stop]
         return value
 
-    def memory_bytes(self, stop: int, in_flight: int) -> torch.Tensor:
-        if self._memory_parts is None or self._memory_parts[0] != stop:  # every stage asks at the same stop
-            activations = self.saved_prefix[stop] - self.saved_prefix[:stop] + self.activation[:stop]
-            self._memory_parts = (stop, 2 * self.param_bytes(stop), activations)
-        _, weights, activations = self._memory_parts
-        return weights + in_flight * activations
+    def memory_bytes(self, stop: int) -> np.ndarray:
+        """(stages, stop): weights and grads plus each stage's in-flight activations of [start, stop)."""
+        activations = self.saved_prefix[stop] - self.saved_prefix[:stop] + self.activation[:stop]
+        return 2 * self.param_bytes(stop) + self.in_flight * activations
 
 
-def _prefix(values: Sequence[float]) -> torch.Tensor:
-    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(values, dtype=torch.float64), 0)])
+def _prefix(values: Sequence[float]) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
 
 
 def _infeasible(problem: PartitionProblem, tables: _VectorTables, places: Sequence[StagePlace],
@@ -401,8 +397,8 @@ def _infeasible(problem: PartitionProblem, tables: _VectorTables, places: Sequen
         )
     assert any(x is not None for x in limits), "a cuttable partition exists, so only a memory limit can rule it out"
     cuts, smallest = _minmax(problem.num_nodes, num_stages,
-                             lambda stop, stage: torch.where(tables.blocked[stop] | tables.blocked[:stop], INF,
-                                                             tables.memory_bytes(stop, in_flight(stage))))
+                             lambda stop: np.where(tables.blocked[:stop] | tables.blocked[stop], INF,
+                                                   tables.memory_bytes(stop)))
     one_per_rank = len({p.rank for p in places}) == num_stages
     if one_per_rank and len(set(limits)) == 1:
         limit = limits[0]
