@@ -65,8 +65,8 @@ def format_timeline(timeline: Timeline, *, width: int = 100) -> str:
     """The step as one text row per rank, `width` columns for the whole step time.
 
     Each compute action is its label (`F3`, `BW0`; `2F3` with several stages on a rank) filled
-    to its length with `-` (F), `=` (B, BW) or `~` (W); `.` is idle. Actions shorter than their
-    label show as much of it as fits.
+    to its length with `-` (F), `=` (B, BW) or `~` (W); `.` is idle. An action too short for its
+    label shows its kind letter (F, B or W) only; a larger `width` shows more labels.
     """
     if width < 10:
         raise ConfigError(f"timeline width {width} is too narrow.\nUse at least 10 columns.")
@@ -80,6 +80,8 @@ def format_timeline(timeline: Timeline, *, width: int = 100) -> str:
             first = min(width - 1, round(event.start_ms / ms_per_col))
             last = max(first + 1, min(width, round(event.end_ms / ms_per_col)))
             text = _label(event, len(stages[rank]) > 1)
+            if len(text) > last - first:  # too short for its label: its kind letter only
+                text = event.action.kind.value[0]
             text = (text + _FILL[event.action.kind] * (last - first))[: last - first]
             cells[first:last] = list(text)
         rows.append(f"rank {rank:<3}|{''.join(cells)}|")

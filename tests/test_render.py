@@ -13,7 +13,8 @@ import pytest
 import pipecc.render
 from pipecc.errors import ConfigError, PipeccError
 from pipecc.ir import StageCost
-from pipecc.passes.schedules import SCHEDULES
+from pipecc.passes.schedules.gpipe import gpipe
+from pipecc.passes.schedules.one_f_one_b import one_f_one_b
 from pipecc.passes.simulate import Timeline, simulate
 from pipecc.render import chrome_trace, format_timeline, plot_timeline, write_trace
 
@@ -21,8 +22,7 @@ from pipecc.render import chrome_trace, format_timeline, plot_timeline, write_tr
 def _unit_timeline(schedule: str = "gpipe", num_stages: int = 2, num_microbatches: int = 2) -> Timeline:
     """F = 1 ms, B = W = 1 ms (BW = 2 ms), no transfer time."""
     unit = StageCost(1, 0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0.0, 0, 0, 0, 0.0)
-    kind = SCHEDULES[schedule]
-    sched = kind.generate(num_stages, num_microbatches)
+    sched = {"gpipe": gpipe, "1f1b": one_f_one_b}[schedule](num_stages, num_microbatches)
     return simulate(sched, [unit] * sched.num_stages)
 
 
@@ -88,3 +88,10 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     with pytest.raises(PipeccError, match=r'pip install "pipecc\[plot\]"'):
         plot_timeline(_unit_timeline(), tmp_path / "gantt.png")
+
+
+def test_ascii_timeline_too_narrow_for_labels_shows_kind_letters() -> None:
+    rows = format_timeline(_unit_timeline("1f1b", 4, 8), width=20).splitlines()[1:]
+    cells = [row.split("|")[1] for row in rows]
+    assert all(len(c) == 20 and set(c) <= set(".FB=-0123456789") for c in cells)
+    assert all("F" in c and "B" in c for c in cells)
