@@ -41,6 +41,7 @@ from pipecc.errors import CodegenError, ConfigError, PartitionError, PlanFileErr
 from pipecc.ir import (Action, ActionKind, Config, InputKind, ParamBinding, Schedule, Stage, StageCost, StageInput,
                        StageOutput, TensorSpec)
 from pipecc.passes.schedules.verify import check_schedule
+from pipecc.passes.split_backward import needs_split_backward, split_backward_stages
 from pipecc.passes.split_stages import check_stages
 from pipecc.plan import Plan
 
@@ -640,6 +641,8 @@ def load_plan(directory: Path, *, rank: int | None = None) -> Plan:
         on_rank = [(s, f) for s, f in zip(plan.stages, stage_fields) if s.rank == r]
         modules.update(_load_rank(directory, r, on_rank, rank_fields[r], shared))
     stages = [dataclasses.replace(s, graph=modules.get(s.index, nn.Module())) for s in plan.stages]
+    if needs_split_backward(plan.schedule):  # F/B/W graphs are not stored: cut them again from the loaded modules
+        stages = list(split_backward_stages(stages, indices=set(modules)))
     return Plan(config=plan.config, device=plan.device, stages=stages, schedule=plan.schedule,
                 input_specs=plan.input_specs, target_spec=plan.target_spec, capture_method=plan.capture_method)
 

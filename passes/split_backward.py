@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -63,11 +63,15 @@ def needs_split_backward(schedule: Schedule) -> bool:
     return any(a.kind in (ActionKind.B, ActionKind.W) for actions in schedule.rank_actions for a in actions)
 
 
-def split_backward_stages(stages: Sequence[Stage]) -> tuple[Stage, ...]:
-    """`stages` with `backward_split` set wherever the graph split works; where it does not, the
-    stage keeps None (the runtime then splits with autograd) and the reason is logged."""
+def split_backward_stages(stages: Sequence[Stage], *, indices: Collection[int] | None = None) -> tuple[Stage, ...]:
+    """`stages` with `backward_split` set wherever the graph split works (only for the stages in
+    `indices`, when given: a rank's own); where it does not, the stage keeps None (the runtime then
+    splits with autograd) and the reason is logged."""
     result = []
     for stage in stages:
+        if indices is not None and stage.index not in indices:
+            result.append(stage)
+            continue
         try:
             split = split_backward(stage)
             check_split_backward(stage, split)
@@ -193,7 +197,13 @@ def _forward_nodes(joint: fx.GraphModule, sig: _Signature, placeholders: list[fx
             needed |= _ancestors([node], stop=set())
     if needed & tangents:
         raise SplitBackwardError("a stage output depends on an output gradient")
-    return {n for n in needed if n.op == "call_function"}
+    return _with_getitems({n for n in needed if n.op == "call_function"})
+
+
+def _with_getitems(nodes: set[fx.Node]) -> set[fx.Node]:
+    """`nodes` plus the getitem users of those that return tuples, so that only tensors (never a
+    tuple keeping all of an op's outputs alive) cross from one graph to the next."""
+    return nodes | {u for n in nodes for u in n.users if u.target is operator.getitem and u.users}
 
 
 def _descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
@@ -266,8 +276,11 @@ def _partition_joint(joint: fx.GraphModule, sig: _Signature) -> SplitBackward:
 
     forward = _forward_nodes(joint, sig, placeholders, flat)
     boundary = forward | set(placeholders)
-    b_nodes = _ancestors(input_grads, stop=boundary)
+    b_nodes = _with_getitems(_ancestors(input_grads, stop=boundary))
     w_nodes = _ancestors(param_grads, stop=boundary | b_nodes)
+    moved = _cheap_reductions_for_b(joint, w_nodes, available=boundary | b_nodes, weights=set(weights),
+                                    keep={g for g in param_grads if g is not None})
+    b_nodes, w_nodes = b_nodes | moved, w_nodes - moved
     for node in b_nodes | w_nodes:
         if node.op == "call_function" and _is_mutating(node):
             raise SplitBackwardError(f"the backward mutates a tensor in place ({node.target})")
@@ -297,6 +310,51 @@ def _partition_joint(joint: fx.GraphModule, sig: _Signature) -> SplitBackward:
         backward_input=_extract(joint, "BackwardInput", weights + saved + tangents, b_nodes, input_grads + held),
         backward_weight=_extract(joint, "BackwardWeight", weights + held, w_nodes, param_grads),
     )
+
+
+# Ops whose work grows faster than the bytes they touch: they are what W is for, so never moved to B.
+_HEAVY_OPS = ("mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_scaled_dot_product")
+
+
+def _is_heavy(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", "").split(".")[0]
+    return any(name == op or name.startswith(op + "_") for op in _HEAVY_OPS)
+
+
+def _value_bytes(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(v.numel() * v.element_size() for v in value if isinstance(v, torch.Tensor))
+    return 0
+
+
+def _cheap_reductions_for_b(joint: fx.GraphModule, w_nodes: set[fx.Node], *, available: set[fx.Node],
+                            weights: set[fx.Node], keep: set[fx.Node]) -> set[fx.Node]:
+    """W ops to run in B instead, because running them early frees more than they keep: a light op
+    (no matmul or convolution) all of whose inputs B has, whose inputs W would otherwise hold only
+    for it, and whose results are smaller than those inputs. Typically the weight part of a
+    LayerNorm / GroupNorm backward: it reduces two activation-sized tensors to two vectors.
+
+    Each op still runs exactly once (B then W stays bitwise the fused backward); only where it
+    runs changes. Without this, a transformer's W would hold more than autograd's saved tensors:
+    the norm inputs and their output gradients on top of every linear layer's input and dY."""
+    moved: set[fx.Node] = set()
+    for node in joint.graph.nodes:
+        if node not in w_nodes or node.target is operator.getitem or _is_heavy(node):
+            continue
+        if not all(a in available or a in moved for a in node.all_input_nodes):
+            continue
+        results = {node} | {u for u in node.users if u.target is operator.getitem}
+        staying = w_nodes - moved - results
+        freed = [a for a in node.all_input_nodes
+                 if a not in weights and a not in keep and not any(u in staying for u in a.users)]
+        tuple_valued = any(u.target is operator.getitem for u in node.users)
+        kept = [r for r in results if r.users and (r is not node or not tuple_valued)]
+        if sum(_value_bytes(a) for a in freed) > sum(_value_bytes(r) for r in kept):
+            moved |= {r for r in results if r in w_nodes}
+    return moved
 
 
 def _extract(joint: fx.GraphModule, name: str, inputs: Sequence[fx.Node], members: set[fx.Node],
@@ -355,3 +413,17 @@ def run_split_step(split: SplitBackward, weights: Sequence[torch.Tensor], inputs
         num_grads = len(split.grad_input_positions)
         param_grads = split.backward_weight(*weights, *backward[num_grads:])
     return outputs, list(backward[:num_grads]), list(param_grads)
+
+
+def distinct_storage_bytes(tensors: Iterable[torch.Tensor], *, excluding: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes that `tensors` keep alive: each storage once, at the largest extent any of them views,
+    not counting the storages of `excluding` (the weights, alive anyway). The convention of
+    annotate_costs' saved-activation bytes, so a graph's held values and autograd's saved
+    tensors are measured alike."""
+    skip = {t.untyped_storage().data_ptr() for t in excluding}
+    extent: dict[int, int] = {}
+    for tensor in tensors:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in skip and tensor.numel():
+            extent[key] = max(extent.get(key, 0), tensor.numel() * tensor.element_size())
+    return sum(extent.values())
