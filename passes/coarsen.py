@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SMALL_GRAPH_NODES = 256  # below this the DP on the original graph takes well under 0.1 s: no coarsening
 MAX_DP_NODES = 1024  # about 0.3 s of DP for 8 stages on one core (benchmarks/compile_scaling.py)
-MAX_REFINE_ROUNDS = 4
+MAX_REFINE_ROUNDS = 16  # each round moves a cut at most `window` boundaries; they settle in a few
 
 
 @dataclass(frozen=True)
@@ -151,13 +151,13 @@ def solve_coarsened(problem: PartitionProblem, num_stages: int, *, max_memory_by
         return _solve_on(problem, candidates, num_stages, options)
     sampled = sample_boundaries(problem, candidates, max(num_stages, max_dp_nodes // 2))
     cuts, bottleneck = _solve_on(problem, sampled, num_stages, options)
-    window = max(1, (max_dp_nodes // 2) // (2 * max(1, num_stages - 1)))
+    window = max(1, (max_dp_nodes - len(sampled)) // (2 * max(1, num_stages - 1)))
     for round_ in range(MAX_REFINE_ROUNDS):
         at = np.searchsorted(candidates, cuts)
-        near = np.concatenate([candidates[max(0, p - window):p + window + 1] for p in at]) if cuts else np.zeros(0, int)
+        near = np.concatenate([candidates[max(0, p - window):p + window + 1] for p in at]) if cuts else sampled[:0]
         new_cuts, new_bottleneck = _solve_on(problem, np.union1d(sampled, near), num_stages, options)
         log.info("coarsen: refine round %d, bottleneck %.6f -> %.6f ms", round_, bottleneck, new_bottleneck)
-        if new_cuts == cuts or new_bottleneck >= bottleneck:
+        if new_cuts == cuts or new_bottleneck > bottleneck:
             break
         cuts, bottleneck = new_cuts, new_bottleneck
     return cuts, bottleneck
