@@ -56,6 +56,21 @@ class ProfileSettings:
     min_sample_ms: float = 0.2
     max_calls_per_sample: int = 200
     progress_after_s: float | None = 2.0  # a progress line on stderr once profiling has taken this long
+    # "wall": elapsed time. "cpu": this process's CPU time, which a shared machine's other jobs do
+    # not inflate: with one intra-op thread it is what the work takes on an idle core. (Measured
+    # here at load 7 on 2 cores: wall-clock stage runs came out 3x the sum of their nodes' short
+    # wall-clock samples, because only the long runs get preempted; CPU time agrees for both.)
+    # "auto": "cpu" with one intra-op thread (the process's CPU time is then the op's time), else "wall".
+    clock: str = "auto"
+
+    def resolved_clock(self) -> str:
+        if self.clock == "auto":
+            return "cpu" if torch.get_num_threads() == 1 else "wall"
+        return self.clock
+
+    def timer(self) -> Callable[[], float]:
+        """The clock to time with, in seconds."""
+        return time.process_time if self.resolved_clock() == "cpu" else time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -76,7 +91,7 @@ def profile_costs(captured: Captured, analytic: CostTable, example_inputs: Seque
     times change. With `cache_dir`, a second compile of the same graph on the same machine
     reads the times back instead of measuring them.
     """
-    key = profile_key(captured)
+    key = profile_key(captured, settings)
     cached = _read_cache(cache_dir, key) if cache_dir is not None else None
     if cached is None:
         mb = captured.microbatch_size
@@ -117,12 +132,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def profile_key(captured: Captured) -> str:
-    """A hash of the graph (every node's name and signature, so its shapes too) and of the machine."""
+def profile_key(captured: Captured, settings: ProfileSettings = ProfileSettings()) -> str:
+    """A hash of the graph (every node's name and signature, so its shapes too), of the machine
+    and of the clock the times were taken with."""
     gm = captured.graph_module
     needs_grad = grad_nodes(gm)
     digest = hashlib.sha256()
-    digest.update(json.dumps(machine_key(), sort_keys=True).encode())
+    digest.update(json.dumps({**machine_key(), "clock": settings.resolved_clock()}, sort_keys=True).encode())
     for node in compute_nodes(gm):
         digest.update(f"{node.name}={node_signature(gm, node, needs_grad)!r};".encode())
     return digest.hexdigest()[:32]
@@ -279,31 +295,36 @@ def _backward_ms(outputs: list[torch.Tensor], wrt: list[torch.Tensor], grads: li
 
 
 def engine_overhead_ms(settings: ProfileSettings) -> float:
-    """The fixed cost of one torch.autograd.grad call (about 10-30 us on a CPU), timed on a
-    one-element graph. A stage's backward starts the engine once, not once per node, so the
-    profiler takes it off every per-node backward time (without this, the node times of a
-    BERT-sized model sum to ~1.4x its measured stage time)."""
+    """The fixed cost of starting one torch.autograd.grad call (10-30 us on a CPU), apart from
+    the per-node work inside it: t(1-node graph) - (t(2-node chain) - t(1-node graph)). A stage's
+    backward starts the engine once, not once per node, so the profiler takes it off every
+    per-node backward time (without this, a BERT-sized model's node times summed to ~1.4x its
+    measured stage time)."""
     x = torch.zeros(1, requires_grad=True)
-    with torch.enable_grad():
-        y = x * 1.0
     g = torch.ones(1)
-    return _median_ms(lambda: torch.autograd.grad([y], [x], [g], retain_graph=True), settings)
+    with torch.enable_grad():
+        one = x * 1.0
+        two = one * 1.0
+    one_ms = _median_ms(lambda: torch.autograd.grad([one], [x], [g], retain_graph=True), settings)
+    two_ms = _median_ms(lambda: torch.autograd.grad([two], [x], [g], retain_graph=True), settings)
+    return max(2 * one_ms - two_ms, 0.0)
 
 
 def _median_ms(fn: Callable[[], object], settings: ProfileSettings) -> float:
     """Median time of one call of `fn` in ms, over `settings.repeats` samples after warm-up."""
+    now = settings.timer()
     for _ in range(settings.warmup):
         fn()
-    start = time.perf_counter()
+    start = now()
     fn()
-    once_s = max(time.perf_counter() - start, 1e-7)
+    once_s = max(now() - start, 1e-7)
     calls = min(settings.max_calls_per_sample, max(1, math.ceil(settings.min_sample_ms / 1e3 / once_s)))
     samples = []
     for _ in range(settings.repeats):
-        start = time.perf_counter()
+        start = now()
         for _ in range(calls):
             fn()
-        samples.append((time.perf_counter() - start) / calls)
+        samples.append((now() - start) / calls)
     return statistics.median(samples) * 1e3
 
 
