@@ -33,7 +33,7 @@ def _eager_training(num_steps: int) -> tuple[list[float], dict[str, torch.Tensor
         loss = loss_fn(model(*inputs), target)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -54,7 +54,7 @@ def _compiled_training(schedule: str, num_steps: int) -> tuple[list[float], dict
         loss.backward()
         held = {n for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, held
 
 

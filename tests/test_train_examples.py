@@ -3,6 +3,7 @@ on 2 gloo ranks, and in one process without torchrun."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -31,7 +32,7 @@ def _eager_losses(argv: list[str]) -> list[float]:
         loss = loss_fn(model(tokens), target)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -56,6 +57,14 @@ def test_example_trains_under_torchrun_like_eager(script: str) -> None:
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(_eager_losses(SMALL)), rtol=1e-5, atol=1e-6)
 
 
-def test_library_example_runs_without_torchrun() -> None:
-    stdout = _run([sys.executable, "examples/train_library.py", *SMALL])
-    torch.testing.assert_close(torch.tensor(_losses(stdout)), torch.tensor(_eager_losses(SMALL)), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("script", ["train_library", "train_compile"])
+def test_example_trains_in_one_process_like_eager(script: str, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Without torchrun every stage runs in this process (called in-process: no interpreter start-up)."""
+    module = importlib.import_module(f"examples.{script}")
+    torch._dynamo.reset()
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *SMALL])
+    module.main()
+    losses = _losses(capsys.readouterr().out)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(_eager_losses(SMALL)), rtol=1e-5, atol=1e-6)
