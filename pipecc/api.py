@@ -19,8 +19,13 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
             example_target: torch.Tensor, num_stages: int, num_microbatches: int, schedule: str = "1f1b",
             device: DeviceSpec | str = "cpu", max_memory_bytes: int | None = None, cost_model: str = "analytic",
             profile_cache_dir: str | Path | None = None, cluster: Cluster | str | Path | None = None,
-            symbolic_sizes: bool = False) -> Plan:
+            symbolic_sizes: bool = False, num_ranks: int | None = None) -> Plan:
     """Compile `model` into a pipeline Plan of `num_stages` balanced stages.
+
+    `num_ranks` (default: the schedule's placement) sets how many ranks share the stages: the V
+    schedules (zbv, v-half, v-min, dualpipev) put 2 stages on each rank, interleaved-1f1b and
+    looped-bfs put v = num_stages / num_ranks (default 2). `schedule="auto"` compiles every
+    schedule on num_ranks (default num_stages) ranks and keeps the fastest that fits max_memory_bytes.
 
     `example_inputs` and `example_target` are one full batch (dim 0 is the batch); the step
     splits them into `num_microbatches` equal micro-batches and averages their losses.
@@ -44,7 +49,7 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     config = Config(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                     device=device_name, max_memory_bytes=max_memory_bytes, cost_model=cost_model,
                     profile_cache_dir=str(default_cache_dir(profile_cache_dir)) if cost_model == "profile" else None,
-                    symbolic_sizes=symbolic_sizes)
+                    symbolic_sizes=symbolic_sizes, num_ranks=num_ranks)
     if cluster is not None and not isinstance(cluster, Cluster):
         cluster = Cluster.load(cluster)
     return compile_plan(model, example_inputs, loss_fn, example_target, config, device, cluster=cluster)

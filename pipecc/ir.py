@@ -225,3 +225,24 @@ class Captured:
     microbatch_size: int
     canonical_names: Mapping[str, str]  # qualified name in graph_module -> name in the user's model
     method: str  # "symbolic_trace", "export(strict=False)" or "export(strict=True)"
+
+
+@dataclass(frozen=True)
+class ScheduleCandidate:
+    """One schedule schedule="auto" tried: its simulated step, or why it could not be built."""
+
+    name: str
+    num_stages: int
+    step_time_ms: float | None  # None: it could not be built (see note)
+    bubble_ratio: float | None
+    peak_memory_bytes: tuple[int, ...]  # per rank
+    note: str  # "" when it fits; else why it was left out
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """What schedule="auto" compared, which it chose, and why."""
+
+    candidates: tuple[ScheduleCandidate, ...]
+    chosen: str
+    reason: str

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from pipecc.cluster import Cluster
-from pipecc.costs import DeviceSpec, resolve_device
+from pipecc.costs import CostTable, DeviceSpec, resolve_device
 from pipecc.errors import ConfigError, PipeccError
-from pipecc.ir import Config
+from pipecc.ir import Captured, Config
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
 from pipecc.passes.partition import check_partition, partition
 from pipecc.passes.profile import profile_costs
+from pipecc.passes.schedules import in_flight as held_microbatches
 from pipecc.passes.schedules import schedule_kind
 from pipecc.passes.schedules.verify import check_schedule
 from pipecc.passes.split_backward import needs_split_backward, split_backward_stages
@@ -43,27 +44,31 @@ def pass_context(name: str) -> Iterator[None]:
 
 def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
                  example_target: torch.Tensor, config: Config, device: DeviceSpec | str = "cpu",
-                 cluster: Cluster | None = None) -> Plan:
+                 cluster: Cluster | None = None, *, traced: tuple[Captured, CostTable] | None = None,
+                 costs_only: bool = False) -> Plan:
     """Trace, cost, partition, schedule and split `model` into a runnable Plan; `cluster` describes each
-    rank (speed, memory, link) when they differ."""
+    rank (speed, memory, link) when they differ. schedule="auto" reuses one trace (`traced`) for every
+    candidate and skips the split backward (`costs_only`) until it has chosen."""
     check_config(config)
+    if config.schedule == "auto":
+        return compile_auto(model, example_inputs, loss_fn, example_target, config, device, cluster)
     spec = resolve_device(device)
     kind = schedule_kind(config.schedule)
     num_stages, m = config.num_stages, config.num_microbatches
 
-    def in_flight(stage: int) -> int:
-        return kind.in_flight(num_stages, m, stage)
+    def in_flight(stage: int) -> int:  # counted on the schedule, which is built before the partition
+        return held_microbatches(schedule, stage)
 
     with pass_context("capture"):
-        captured = capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
+        captured = traced[0] if traced else capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
     with pass_context("annotate_costs"):
-        costs = annotate_costs(captured, spec)
-    if config.cost_model == "profile":
+        costs = traced[1] if traced else annotate_costs(captured, spec)
+    if config.cost_model == "profile" and not traced:
         with pass_context("profile_costs"):
             cache_dir = Path(config.profile_cache_dir) if config.profile_cache_dir else None
             costs = profile_costs(captured, costs, example_inputs, example_target, cache_dir=cache_dir)
     with pass_context("schedule"):
-        schedule = kind.generate(num_stages, m)
+        schedule = kind.build(num_stages, m, config.num_ranks)
         check_schedule(schedule)
     with pass_context("partition"):
         part = partition(captured, costs, num_stages=num_stages, max_memory_bytes=config.max_memory_bytes,
@@ -73,7 +78,7 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
         stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight,
                               cluster=cluster)
         check_stages(stages)
-    if needs_split_backward(schedule):
+    if needs_split_backward(schedule) and not costs_only:
         with pass_context("split_backward"):  # F/B/W graphs; a stage that cannot be split logs why
             stages = split_backward_stages(stages)
     formulas = None
@@ -101,3 +106,67 @@ def check_config(config: Config) -> None:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise ConfigError(f"max_memory_bytes={limit!r}; it must be positive, an int number of bytes (or None for no limit).\n"
                           "Pass an int, e.g. max_memory_bytes=20 * 2**30 for 20 GiB.")
+
+
+def compile_auto(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
+                 example_target: torch.Tensor, config: Config, device: DeviceSpec | str = "cpu",
+                 cluster: Cluster | None = None) -> Plan:
+    """schedule="auto": every registered schedule (and the zero-bubble search) on
+    num_ranks = config.num_ranks or config.num_stages ranks, each with its own placement (V and
+    interleaved: 2 stages per rank), partitioned and simulated on one trace; the fastest predicted
+    step among those that fit max_memory_bytes wins. The plan's report shows every candidate."""
+    import dataclasses
+
+    from pipecc.ir import ScheduleCandidate, ScheduleChoice
+    from pipecc.passes.schedules import SCHEDULES
+    from pipecc.passes.schedules.auto import zero_bubble_search
+
+    num_ranks = config.num_ranks or config.num_stages
+    limit, m = config.max_memory_bytes, config.num_microbatches
+    with pass_context("capture"):
+        captured = capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
+    with pass_context("annotate_costs"):
+        costs = annotate_costs(captured, resolve_device(device))
+    if config.cost_model == "profile":
+        with pass_context("profile_costs"):
+            cache_dir = Path(config.profile_cache_dir) if config.profile_cache_dir else None
+            costs = profile_costs(captured, costs, example_inputs, example_target, cache_dir=cache_dir)
+
+    def build(name: str, costs_only: bool) -> Plan:
+        kind = SCHEDULES["zb-h1" if name == "zb-auto" else name]
+        sub = dataclasses.replace(config, schedule=kind.name, num_stages=num_ranks * kind.stages_per_rank,
+                                  num_ranks=num_ranks)
+        plan = compile_plan(model, example_inputs, loss_fn, example_target, sub, device, cluster,
+                            traced=(captured, costs), costs_only=costs_only)
+        if name == "zb-auto":  # the search runs on zb-h1's partition (one stage per rank)
+            searched = zero_bubble_search([s.cost for s in plan.stages], m, limit)
+            plan = Plan(config=sub, device=plan.device, stages=plan.stages, schedule=searched,
+                        input_specs=plan.input_specs, target_spec=plan.target_spec,
+                        capture_method=plan.capture_method)
+        return plan
+
+    candidates: list[ScheduleCandidate] = []
+    for name in [*SCHEDULES, "zb-auto"]:
+        stages = num_ranks * SCHEDULES.get(name, SCHEDULES["zb-h1"]).stages_per_rank
+        try:
+            timeline = build(name, costs_only=True).simulate()
+        except PipeccError as err:
+            candidates.append(ScheduleCandidate(name, stages, None, None, (), str(err).splitlines()[0]))
+            continue
+        over = limit is not None and max(timeline.peak_memory_bytes) > limit
+        candidates.append(ScheduleCandidate(name, stages, timeline.step_time_ms, timeline.bubble_ratio,
+                                            timeline.peak_memory_bytes, "over the memory limit" if over else ""))
+    fitting = [c for c in candidates if c.step_time_ms is not None and not c.note]
+    if not fitting:
+        raise ConfigError(f"schedule=\"auto\": no schedule fits on {num_ranks} ranks"
+                          f"{f' within max_memory_bytes={limit}' if limit else ''}; "
+                          + "; ".join(f"{c.name}: {c.note}" for c in candidates) + ".\n"
+                          "Raise max_memory_bytes, use more ranks, or more micro-batches.")
+    best = min(fitting, key=lambda c: c.step_time_ms or 0.0)  # min keeps the first of equals: registry order
+    why = (f"fastest predicted step of the {len(fitting)} schedules that fit"
+           + (f" in {limit} bytes per rank" if limit is not None else " (no memory limit)"))
+    chosen = build(best.name, costs_only=False)
+    return Plan(config=dataclasses.replace(config, num_stages=len(chosen.stages), num_ranks=num_ranks),
+                device=chosen.device, stages=chosen.stages, schedule=chosen.schedule,
+                input_specs=chosen.input_specs, target_spec=chosen.target_spec,
+                capture_method=chosen.capture_method, schedule_choice=ScheduleChoice(tuple(candidates), best.name, why))

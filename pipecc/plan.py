@@ -10,8 +10,8 @@ from torch import nn
 
 from pipecc.costs import DeviceSpec
 from pipecc.errors import ConfigError
-from pipecc.ir import Config, Schedule, Stage, TensorSpec, named_stage_parameters
-from pipecc.printing import format_bytes, format_schedule, format_stage_table, imbalance
+from pipecc.ir import Config, Schedule, ScheduleChoice, Stage, TensorSpec, named_stage_parameters
+from pipecc.printing import format_bytes, format_schedule, format_schedule_choice, format_stage_table, imbalance
 
 
 class Plan:
@@ -19,7 +19,8 @@ class Plan:
 
     def __init__(self, *, config: Config, device: DeviceSpec, stages: Sequence[Stage], schedule: Schedule,
                  input_specs: Sequence[TensorSpec], target_spec: TensorSpec, capture_method: str,
-                 cost_formulas: Sequence["StageFormulas"] | None = None) -> None:  # noqa: F821
+                 cost_formulas: Sequence["StageFormulas"] | None = None,  # noqa: F821
+                 schedule_choice: ScheduleChoice | None = None) -> None:
         self.config = config
         self.device = device
         self.stages = tuple(stages)
@@ -28,6 +29,7 @@ class Plan:
         self.target_spec = target_spec
         self.capture_method = capture_method
         self.cost_formulas = tuple(cost_formulas) if cost_formulas is not None else None  # symbolic_sizes=True
+        self.schedule_choice = schedule_choice  # schedule="auto": the candidates it compared
 
     @property
     def num_ranks(self) -> int:
@@ -54,6 +56,8 @@ class Plan:
             "schedule:",
             format_schedule(self.schedule),
         ]
+        if self.schedule_choice is not None:
+            lines[6:6] = ["", format_schedule_choice(self.schedule_choice)]
         if formulas:
             from pipecc.passes.symbolic import format_formulas
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pipecc.ir import Schedule, Stage
+from pipecc.ir import Schedule, ScheduleChoice, Stage
 
 
 def format_schedule(schedule: Schedule) -> str:
@@ -53,3 +53,20 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_schedule_choice(choice: ScheduleChoice) -> str:
+    """schedule="auto"'s candidates: predicted step time, bubble and peak memory, and the choice."""
+    rows = [("schedule", "stages", "step ms", "bubble", "peak memory (max rank)", "")]
+    for c in choice.candidates:
+        if c.step_time_ms is None or c.bubble_ratio is None:
+            rows.append((c.name, str(c.num_stages), "-", "-", "-", c.note))
+            continue
+        mark = "<-- chosen" if c.name == choice.chosen else c.note
+        rows.append((c.name, str(c.num_stages), f"{c.step_time_ms:.3f}", f"{100 * c.bubble_ratio:.1f}%",
+                     format_bytes(max(c.peak_memory_bytes)), mark))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             + ("  " + r[5] if r[5] else "") for r in rows]
+    return "\n".join([f"schedule=auto chose {choice.chosen}: {choice.reason}", *lines])
+

@@ -11,6 +11,7 @@ from torch import nn
 
 from pipecc.errors import PipelineRuntimeError
 from pipecc.ir import Action, ActionKind, InputKind, Schedule, Stage, TensorSpec
+from pipecc.passes.rng import dropout_microbatch
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class RankExecutor:
                         received = activations.pop((s - 1, mb), [])
                         args = _stage_args(self.stages[s], received, [chunks[mb] for chunks in micro_inputs],
                                            micro_target[mb])
-                        outputs = runners[s].forward(mb, args)
+                        with dropout_microbatch(mb):  # seeded dropout draws this micro-batch's masks
+                            outputs = runners[s].forward(mb, args)
                         if s == self.last_stage:
                             losses[mb] = outputs[0].detach()
                         else:
