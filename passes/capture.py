@@ -25,6 +25,7 @@ import pipecc.errors
 from pipecc.errors import CaptureError, ConfigError
 from pipecc.ir import Captured
 from pipecc.passes.graph_facts import CONSTANT_TYPES, grad_nodes, output_node
+from pipecc.passes.rng import seed_dropouts
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: L
         check_loss_output(gm)
         check_loss_is_trainable(gm, model)
         check_inputs_not_mutated(gm, model, placeholders)
+        seed_dropouts(gm)  # the same masks for a micro-batch whatever the partition (passes/rng.py)
         return Captured(
             graph_module=gm,
             input_names=tuple(placeholders[:-1]),
@@ -84,6 +86,14 @@ def check_model_and_loss(model: object, loss_fn: object) -> None:
     if not callable(loss_fn):
         raise ConfigError(f"loss_fn is {loss_fn!r}, not a callable.\n"
                           "Pass loss_fn=f where f(model_output, target) returns the scalar loss of a batch.")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.momentum is None \
+                and module.track_running_stats:
+            raise ConfigError(
+                f"{name} ({type(module).__name__}) has momentum=None: its running stats are a cumulative average "
+                "weighted by the batch count it reads from a buffer, which no tracer can turn into a static graph.\n"
+                f"Give it a momentum (e.g. {type(module).__name__}(..., momentum=0.1)), or put it in eval mode."
+            )
 
 
 @contextlib.contextmanager
@@ -141,7 +151,9 @@ def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...
     tracer = fx.Tracer()
     tracer.record_stack_traces = True  # errors and refusals name the user's source line
     unused = _unsupplied_arguments(model, len(inputs))
+    before = {name: b.detach().clone() for name, b in model.named_buffers()}
     graph = tracer.trace(model, concrete_args=unused or None)
+    _check_buffers_unchanged(model, before)
     _drop_specialised_placeholders(graph, unused)
     output = next(n for n in graph.nodes if n.op == "output")
     model_output = output.args[0]
@@ -162,6 +174,19 @@ def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return gm
+
+
+def _check_buffers_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """ConfigError if symbolic tracing changed a buffer: fx runs code on buffers (not on inputs) for
+    real, so a forward that writes into its own buffer shows up here, and its graph would lack the write.
+    (Modules such as BatchNorm update their buffers inside their own call, which fx does not run.)"""
+    for name, buffer in model.named_buffers():
+        if name in before and not torch.equal(before[name], buffer):
+            raise ConfigError(
+                f"{type(model).__name__}.forward writes into its buffer {name} in place (seen while tracing).\n"
+                "A stage graph would not repeat the write, and other ranks would not see it: update the state "
+                "outside forward (e.g. after the step), or inside a module's own forward as BatchNorm does."
+            )
 
 
 def _unsupplied_arguments(model: nn.Module, num_supplied: int) -> dict[str, object]:
@@ -362,7 +387,8 @@ def _mutates_first_argument(node: fx.Node, gm: fx.GraphModule) -> bool:
 def check_inputs_not_mutated(gm: fx.GraphModule, model: nn.Module, placeholders: Sequence[str]) -> None:
     """ConfigError if the model or loss writes into an input or the target (or a view of one) in place:
     every rank is handed its own copy of the batch, so a write made in one stage would not reach the
-    stages of other ranks, and the user's tensor would change under the caller."""
+    stages of other ranks, and the user's tensor would change under the caller.
+    (Writes into buffers: _check_buffers_unchanged.)"""
     aliases = {n: "the target" if n.name == placeholders[-1] else f"its input {n.name}"
                for n in gm.graph.nodes if n.op == "placeholder" and n.name in placeholders}
     for node in gm.graph.nodes:

@@ -33,3 +33,7 @@ class PlanFileError(CodegenError, ValueError):
 
 class PipelineRuntimeError(PipeccError):
     """A pipelined step failed at run time: bad inputs, a dead peer, a timeout."""
+
+
+class PeerLostError(PipelineRuntimeError):
+    """A message from (or to) another rank failed or timed out: a symptom of a failure elsewhere."""

@@ -28,6 +28,8 @@ class Plan:
         self.input_specs = tuple(input_specs)  # at full batch size
         self.target_spec = target_spec
         self.capture_method = capture_method
+        self.dropout_seed = 0  # seeded dropout draws by (dropout_seed, step, micro-batch, dropout): passes/rng.py
+        self.num_local_steps = 0  # steps run_local has run: the step number of the next one's dropout masks
         self.cost_formulas = tuple(cost_formulas) if cost_formulas is not None else None  # symbolic_sizes=True
         self.schedule_choice = schedule_choice  # schedule="auto": the candidates it compared
 
@@ -120,14 +122,24 @@ class Plan:
         accumulate in the parameters' .grad, exactly as loss.backward() on the whole model would."""
         from pipecc.runtime.local import run_local
 
-        self.check_inputs(inputs, target)
-        return run_local(self.stages, self.schedule, inputs, target)
+        from pipecc.passes.rng import dropout_step
 
-    def runner(self, *, timeout_s: float = 300.0) -> "DistRunner":  # noqa: F821
-        """The runner for this process's rank (needs an initialised torch.distributed group)."""
+        self.check_inputs(inputs, target)
+        with dropout_step(self.dropout_seed, self.num_local_steps):
+            loss = run_local(self.stages, self.schedule, inputs, target)
+        self.num_local_steps += 1
+        return loss
+
+    def runner(self, *, timeout_s: float = 300.0, check_finite: bool = False) -> "DistRunner":  # noqa: F821
+        """The runner for this process's rank (needs an initialised torch.distributed group).
+
+        Every wait for another rank gives up after `timeout_s`; a rank that fails posts where, so the
+        others' errors name it. `check_finite` checks every stage output and input gradient for nan/inf
+        (one reduction per tensor) and names the stage and micro-batch of the first."""
         from pipecc.runtime.dist import DistRunner
 
-        return DistRunner(self.stages, self.schedule, timeout_s=timeout_s, validate=self.check_inputs)
+        return DistRunner(self.stages, self.schedule, timeout_s=timeout_s, validate=self.check_inputs,
+                          check_finite=check_finite, dropout_seed=self.dropout_seed)
 
     def emit(self, directory: str | Path) -> Path:
         """Write plan.json, one Python module per rank and one weight shard per rank into `directory`."""

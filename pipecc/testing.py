@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from pipecc.passes.rng import seeded_eager_dropout
 from pipecc.runtime.launch import free_port, spawn_local
 
 __all__ = ["reference_step", "assert_same_grads", "assert_same_step", "run_ranks", "free_port"]
@@ -20,9 +21,14 @@ ATOL = 1e-6  # gradients near zero: summation order alone moves them by ~1e-8
 
 
 def reference_step(model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
-                   target: torch.Tensor, num_microbatches: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   target: torch.Tensor, num_microbatches: int = 1, *, dropout_seed: int = 0,
+                   step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and parameter gradients of one unpartitioned step on a copy of `model`, over the same
     micro-batches a plan uses (the loss is their mean).
+
+    Dropout draws the masks a plan draws for step `step` (its first is 0) with `dropout_seed`
+    (plan.dropout_seed, 0 unless set): see pipecc.passes.rng. BatchNorm sees the same micro-batches
+    in the same order as a plan's stages do, so its batch statistics and running stats agree too.
 
     The micro-batching matters at float32 round-off only: the unpartitioned model itself moves
     conv weight gradients by ~7e-5 of their largest element between 1 and 8 micro-batches
@@ -32,7 +38,8 @@ def reference_step(model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: Ca
     micro_inputs = [t.chunk(num_microbatches) for t in inputs]
     losses = []
     for mb, mb_target in enumerate(target.chunk(num_microbatches)):
-        loss = loss_fn(ref(*(chunks[mb] for chunks in micro_inputs)), mb_target)
+        with seeded_eager_dropout(dropout_seed, step, mb):
+            loss = loss_fn(ref(*(chunks[mb] for chunks in micro_inputs)), mb_target)
         (loss / num_microbatches).backward()
         losses.append(loss.detach())
     grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
@@ -50,7 +57,8 @@ def assert_same_grads(grads: Mapping[str, torch.Tensor], expected: Mapping[str, 
 def assert_same_step(model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
                      target: torch.Tensor, plan: "Plan") -> None:  # noqa: F821
     """plan.run_local gives the loss and every gradient of the unpartitioned model."""
-    expected_loss, expected = reference_step(model, inputs, loss_fn, target, plan.config.num_microbatches)
+    expected_loss, expected = reference_step(model, inputs, loss_fn, target, plan.config.num_microbatches,
+                                             dropout_seed=plan.dropout_seed, step=plan.num_local_steps)
     for _, param in plan.named_parameters():
         param.grad = None
     loss = plan.run_local(*inputs, target=target)

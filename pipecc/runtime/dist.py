@@ -4,17 +4,23 @@ point-to-point messages (gloo on CPU, NCCL on GPU). Every receive has a timeout.
 from __future__ import annotations
 
 import datetime
+import itertools
+import json
 import logging
+import time
+from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipecc.errors import ConfigError, PipelineRuntimeError
-from pipecc.ir import Schedule, Stage, TensorSpec, named_stage_parameters
+from pipecc.errors import ConfigError, PeerLostError
+from pipecc.ir import Action, Schedule, Stage, TensorSpec, named_stage_parameters
 from pipecc.passes.insert_comm import insert_comm
-from pipecc.runtime.executor import Message, RankExecutor, param_device
+from pipecc.passes.rng import dropout_step
+from pipecc.passes.simulate import TimedAction
+from pipecc.runtime.executor import Message, RankExecutor, TimelineRecorder, param_device
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 300.0
@@ -60,22 +66,106 @@ def _wait(work: dist.Work, timeout: datetime.timedelta, what: str) -> None:
     try:
         ok = work.wait(timeout)
     except RuntimeError as err:
-        raise PipelineRuntimeError(
-            f"rank {dist.get_rank()} gave up waiting for {what}: {str(err).splitlines()[0]}.\n"
+        reason = str(err).splitlines()[0]
+        if "closed by peer" in reason or "reset by peer" in reason or "Broken pipe" in reason:
+            reason = "a rank closed its connection (it died, was killed, or exited after an error)"
+        raise PeerLostError(
+            f"rank {dist.get_rank()} gave up waiting for {what}: {reason}.\n"
             "The peer rank probably failed or was killed; look at its error first."
         ) from None
     if ok is False:
-        raise PipelineRuntimeError(
+        raise PeerLostError(
             f"rank {dist.get_rank()} waited {timeout.total_seconds():.0f} s for {what}.\n"
             "The peer rank probably failed; raise timeout_s if its stage is just slow."
         )
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """What one rank posts when its step fails: where it was and what it raised."""
+
+    rank: int
+    action: str  # e.g. "2F1"; "" when it failed before its first action (input checks)
+    stage: int  # -1 with no action
+    microbatch: int
+    error: str  # "ValueError: boom": type and first line
+    waiting: bool  # it only lost a peer (a receive failed or timed out): a symptom, not a cause
+
+    def describe(self) -> str:
+        where = f"at action {self.action} (stage {self.stage}, micro-batch {self.microbatch})" if self.action \
+            else "before its first action"
+        return f"rank {self.rank} failed {where}: {self.error}"
+
+
+class FailureBoard:
+    """Failure reports of one step, kept in the process group's store (the rendezvous key-value
+    store, reachable when the point-to-point links are not): every rank that fails posts one, so a
+    rank that only lost its peer can name the rank and stage that failed first.
+
+    A rank whose report stays missing after `grace_s` died, was killed, or hangs."""
+
+    def __init__(self, prefix: str, num_ranks: int, grace_s: float) -> None:
+        self.prefix, self.num_ranks, self.grace_s = prefix, num_ranks, grace_s
+        try:
+            self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
+        except (RuntimeError, AttributeError, ValueError):  # a group made without a store: timeouts only
+            self.store = None
+
+    def post(self, report: FailureReport) -> None:
+        if self.store is not None:
+            try:
+                self.store.set(f"{self.prefix}/rank{report.rank}", json.dumps(asdict(report)))
+            except RuntimeError as err:  # the store's host died: the others will time out instead
+                log.warning("cannot post the failure report of rank %d: %s", report.rank, err)
+
+    def collect(self) -> dict[int, FailureReport] | None:
+        """The reports posted within grace_s (sooner once one names a cause); None if the store is gone."""
+        if self.store is None:
+            return None
+        deadline = time.monotonic() + self.grace_s
+        while True:
+            reports = {}
+            try:
+                for rank in range(self.num_ranks):
+                    key = f"{self.prefix}/rank{rank}"
+                    if self.store.check([key]):
+                        reports[rank] = FailureReport(**json.loads(self.store.get(key)))
+            except RuntimeError:
+                return None
+            if len(reports) == self.num_ranks or any(not r.waiting for r in reports.values()) \
+                    or time.monotonic() >= deadline:
+                return reports
+            time.sleep(0.05)
+
+
+def failure_summary(own: FailureReport, reports: dict[int, FailureReport] | None, schedule: Schedule) -> str:
+    """Line one of a waiting rank's error: the rank and stage that failed first, as far as the reports tell."""
+    if reports is None:
+        return f"{own.describe()}; the other ranks' reports are unreadable (the rendezvous store is gone, " \
+               "so the rank hosting it, usually rank 0, probably died)."
+    causes = sorted((r for r in reports.values() if not r.waiting), key=lambda r: r.rank)
+    if causes:
+        return causes[0].describe()
+    silent = [r for r in range(schedule.num_ranks) if r not in reports]
+    if not silent:
+        return f"every rank lost a peer and none failed on its own; first: {own.describe()}"
+    named = ", ".join(f"rank {r} (stage{'s' if len(schedule.stages_of(r)) > 1 else ''} "
+                      f"{', '.join(map(str, schedule.stages_of(r)))})" for r in silent)
+    return f"{named} sent no failure report: died, was killed, or hangs"
+
+
+_runner_ids = itertools.count()
 
 
 class DistRunner:
     """Runs the stages that a plan places on this process's rank, one training step per `step`."""
 
     def __init__(self, stages: Sequence[Stage], schedule: Schedule, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 validate: object = None) -> None:
+                 validate: object = None, check_finite: bool = False, dropout_seed: int = 0,
+                 record_timeline: bool = False) -> None:
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ConfigError(f"timeout_s={timeout_s!r}; it must be a positive number of seconds.\n"
+                              f"Pass the longest a rank may wait for a peer, e.g. timeout_s={DEFAULT_TIMEOUT_S:.0f}.")
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError(
                 "plan.runner() needs an initialised torch.distributed process group.\n"
@@ -96,6 +186,12 @@ class DistRunner:
         self.timeout_s = timeout_s
         self._validate = validate
         self.shared = _shared_parameters(stages)
+        self.check_finite = check_finite
+        self.dropout_seed = dropout_seed
+        self._failure_prefix = f"pipecc/failures/{next(_runner_ids)}"  # every rank makes runners in the same order
+        self._num_steps = 0
+        self.record_timeline = record_timeline  # timestamps of every action: gather_events() after a step
+        self._events: tuple[TimedAction, ...] | None = None
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters, under their names in the original model (each once)."""
@@ -108,17 +204,67 @@ class DistRunner:
     def step(self, *inputs: torch.Tensor, target: torch.Tensor, broadcast_loss: bool = False) -> torch.Tensor | None:
         """One training step: gradients accumulate in this rank's parameters. Returns the batch loss
         on the rank holding the last stage (on every rank with broadcast_loss=True), else None."""
-        if callable(self._validate):
-            self._validate(inputs, target)
-        params = dict(self.named_parameters())
-        before = {name: _grad_or_none(params[name]) for name in self.shared if name in params}
+        self._num_steps += 1
         transport = DistTransport(self.schedule, self.stages, self.device, self.timeout_s)
-        executor = RankExecutor(self.stages, self.schedule, transport, self.device)
-        loss = executor.run(self.actions, inputs, target)
-        self._sum_shared_grads(params, before)
-        if broadcast_loss:
-            loss = self._broadcast_loss(loss)
+        recorder = self._start_timeline() if self.record_timeline else None
+        executor = RankExecutor(self.stages, self.schedule, transport, self.device, recorder=recorder)
+        try:
+            if callable(self._validate):
+                self._validate(inputs, target)
+            params = dict(self.named_parameters())
+            before = {name: _grad_or_none(params[name]) for name in self.shared if name in params}
+            with dropout_step(self.dropout_seed, self._num_steps - 1):  # the runner's steps count from 0
+                loss = executor.run(self.actions, inputs, target)
+            if recorder is not None:
+                self._events = recorder.events()
+            self._sum_shared_grads(params, before)
+            if broadcast_loss:
+                loss = self._broadcast_loss(loss)
+        except Exception as err:
+            raise self._report_failure(err, getattr(executor, "current", None)) from None
         return loss
+
+    def _start_timeline(self) -> TimelineRecorder:
+        """A recorder whose time 0 is the end of a barrier of all ranks, so their clocks line up."""
+        _wait(dist.barrier(async_op=True), datetime.timedelta(seconds=self.timeout_s), "every rank to start the step")
+        return TimelineRecorder(self.schedule.stage_to_rank)
+
+    def gather_events(self) -> tuple[TimedAction, ...]:
+        """Every rank's recorded actions of the last step, on every rank (a collective: all ranks call
+        it), ordered by rank then start; times in ms since the barrier that began the step.
+
+        Needs plan.runner(record_timeline=True) and a step run; the events of each rank come in the
+        order it ran them."""
+        if not self.record_timeline or self._events is None:
+            raise ConfigError("gather_events() has no events: "
+                              + ("this runner records none.\nCreate it with plan.runner(record_timeline=True)."
+                                 if not self.record_timeline else "no step has run yet.\nCall runner.step(...) first."))
+        gathered: list[tuple[TimedAction, ...] | None] = [None] * self.schedule.num_ranks
+        dist.all_gather_object(gathered, self._events)
+        return tuple(event for events in gathered for event in (events or ()))
+
+    def _report_failure(self, err: Exception, action: Action | None) -> Exception:
+        """Post this rank's failure; the error to raise. A rank that only lost a peer raises a
+        PipelineRuntimeError naming the rank and stage that failed first; any other error is re-raised
+        as it is, with a note saying where it happened."""
+        lines = str(err).strip().splitlines()
+        own = FailureReport(self.rank, str(action) if action else "", action.stage if action else -1,
+                            action.microbatch if action else -1,
+                            f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": "),
+                            waiting=isinstance(err, PeerLostError))
+        board = FailureBoard(f"{self._failure_prefix}/step{self._num_steps}", self.schedule.num_ranks,
+                             grace_s=min(3.0, self.timeout_s))
+        board.post(own)
+        if not own.waiting:
+            err.add_note(f"(pipecc: {own.describe()})")
+            return err
+        where = f"at action {action} (stage {action.stage}, micro-batch {action.microbatch})" if action else ""
+        stopped = PeerLostError(
+            f"rank {self.rank} stopped {where}: {failure_summary(own, board.collect(), self.schedule)}.\n"
+            "Fix that rank's error (see its log); this rank only waited for it."
+        )
+        stopped.add_note(f"this rank's own error: {err}")
+        return stopped
 
     def _sum_shared_grads(self, params: dict[str, nn.Parameter], before: dict[str, torch.Tensor | None]) -> None:
         """A parameter held by several ranks (tied weights) gets the sum of their gradients, on each.
@@ -149,7 +295,8 @@ class DistRunner:
     def _broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
         last_rank = self.schedule.stage_to_rank[-1]
         value = loss.detach().reshape(()).clone() if loss is not None else torch.zeros((), device=self.device)
-        dist.broadcast(value, src=last_rank)
+        _wait(dist.broadcast(value, src=last_rank, async_op=True), datetime.timedelta(seconds=self.timeout_s),
+              f"the loss from rank {last_rank}")
         return value
 
 
