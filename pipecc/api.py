@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,7 +17,8 @@ from pipecc.plan import Plan
 
 
 def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn: Callable[..., torch.Tensor],
-            example_target: torch.Tensor, num_stages: int, num_microbatches: int, schedule: str = "1f1b",
+            example_target: torch.Tensor, num_stages: int | str, num_microbatches: int | str,
+            schedule: str | None = None,
             device: DeviceSpec | str = "cpu", max_memory_bytes: int | None = None, cost_model: str = "analytic",
             profile_cache_dir: str | Path | None = None, cluster: Cluster | str | Path | None = None,
             symbolic_sizes: bool = False, num_ranks: int | None = None) -> Plan:
@@ -39,11 +41,19 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     `plan.what_if(microbatch_size=2 * b)` then predicts a step without tracing again, and
     `plan.report(formulas=True)` prints them.
 
+    `num_stages="auto"` searches rank counts (the cluster's or `num_ranks`, and powers of two below),
+    stages per rank, micro-batch counts (every divisor of the batch, or `num_microbatches` when it
+    is an int) and schedules (every registered one, or `schedule` when given), simulates each, and
+    returns the fastest predicted plan that fits every rank's memory; its report lists every candidate.
+
     `cluster` (a Cluster or its JSON file) gives each rank's speed relative to `device`, its
     memory and its link: stages are then balanced on time at each rank's speed, within each
     rank's memory. Default: identical ranks.
     """
-    from pipecc.pipeline import compile_plan
+    from pipecc.pipeline import check_config, compile_plan
+
+    if schedule is None:
+        schedule = "auto" if num_stages == "auto" else "1f1b"
 
     device_name = device.name if isinstance(device, DeviceSpec) else device
     config = Config(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
@@ -52,6 +62,14 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
                     symbolic_sizes=symbolic_sizes, num_ranks=num_ranks)
     if cluster is not None and not isinstance(cluster, Cluster):
         cluster = Cluster.load(cluster)
+    if num_stages == "auto":
+        from pipecc.autoconfig import autoconfigure
+
+        fixed_m = None if num_microbatches == "auto" else num_microbatches
+        base = dataclasses.replace(config, num_stages=1, num_microbatches=fixed_m or 1, schedule="1f1b")
+        check_config(base)
+        return autoconfigure(model, example_inputs, loss_fn, example_target, base, device=device, cluster=cluster,
+                             num_microbatches=fixed_m, schedules=None if schedule == "auto" else [schedule]).plan
     return compile_plan(model, example_inputs, loss_fn, example_target, config, device, cluster=cluster)
 
 
