@@ -1,10 +1,17 @@
 """Simulate: a predicted timeline of one step from the schedule and the per-stage costs.
 
-Each rank runs its (lowered) actions in order. A compute action takes its stage's estimated
+Each rank runs its (lowered) actions in order, every action as soon as its inputs are there. A compute action takes its stage's estimated
 time; a send costs the sender nothing (it is asynchronous) and its message arrives one
 transfer time later; a receive waits for that arrival. Memory: a rank holds its stages'
 weights and gradients throughout, and each micro-batch's saved activations from the end of
-its F until the end of its BW (or W when the backward is split).
+its F until the end of its BW (or W when the backward is split). B is taken to free nothing:
+the runtime's B keeps the autograd graph for W, so this is exact for it and an upper bound for
+a split backward that frees what W does not read.
+
+Communication: a message crosses the link only between stages on different ranks (insert_comm
+adds no send between stages of one rank); its time is the link latency per tensor plus bytes
+over bandwidth (DeviceSpec.transfer_ms), and it delays the receiving action, so on the steady
+state critical path every hop pays it.
 """
 
 from __future__ import annotations
@@ -36,7 +43,33 @@ class Timeline:
 
     @property
     def idle_ms(self) -> tuple[float, ...]:
+        """Per rank: the step time it does not compute (its bubble, start-up delay included)."""
         return tuple(self.step_time_ms - busy for busy in self.busy_ms)
+
+    def rank_events(self, rank: int) -> tuple[TimedAction, ...]:
+        """Rank `rank`'s compute actions in the order they ran."""
+        return tuple(e for e in self.events if e.rank == rank and e.action.kind.is_compute)
+
+    @property
+    def span_ms(self) -> tuple[float, ...]:
+        """Per rank: from the start of its first compute action to the end of its last."""
+        spans = []
+        for rank in range(len(self.busy_ms)):
+            mine = self.rank_events(rank)
+            spans.append(max(e.end_ms for e in mine) - min(e.start_ms for e in mine) if mine else 0.0)
+        return tuple(spans)
+
+    @property
+    def steady_step_time_ms(self) -> float:
+        """The step time when consecutive steps overlap (rank r starts step k+1 as soon as it has
+        finished step k, as without a synchronising optimizer step): the longest rank span. The
+        zero-bubble paper's bubble formulas use this measure."""
+        return max(self.span_ms, default=0.0)
+
+    @property
+    def span_bubble_ms(self) -> tuple[float, ...]:
+        """Per rank: idle time inside its span (its bubble when steps overlap)."""
+        return tuple(span - busy for span, busy in zip(self.span_ms, self.busy_ms))
 
     @property
     def bubble_ratio(self) -> float:
