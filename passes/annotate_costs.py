@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import fx
@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from pipecc.costs import CostTable, DeviceSpec, NodeCost
 from pipecc.ir import Captured
@@ -133,6 +133,24 @@ def node_cost(work: NodeWork, param_names: tuple[str, ...], device: DeviceSpec) 
     )
 
 
+def _cpu_attention_flops(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: object,
+                         out_val: object = None, **kwargs: object) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out: Sequence[int], query: Sequence[int], key: Sequence[int],
+                                  value: Sequence[int], *args: object, out_val: object = None, **kwargs: object) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the GPU attention kernels but not the CPU one that scaled_dot_product_attention
+# dispatches to on CPU, so attention counted 0 FLOPs there (found by the sequence-length formulas: no T^2 term).
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 # Repeated blocks (and recompiles of the same model) give nodes with identical signatures;
 # measuring each signature once makes annotation about 4x faster on a 4-block GPT.
 _MEASURED: dict[tuple[object, ...], _Work] = {}
@@ -227,7 +245,8 @@ def measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], val
             saved[ref] = torch.sym_max(saved.get(ref, 0), t.numel() * t.element_size())
         return t
 
-    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = call()
     flops_forward = counter.get_total_flops()
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -244,7 +263,7 @@ def _backward_flops(outputs: list[torch.Tensor], wrt: list[torch.Tensor]) -> int
     if not outputs or not wrt:
         return 0
     grads = [torch.empty_like(o) for o in outputs]
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         torch.autograd.grad(outputs, wrt, grads, retain_graph=True, allow_unused=True)
     return counter.get_total_flops()
 

@@ -37,6 +37,7 @@ from pipecc.passes.annotate_costs import (NodeWork, _value_bytes, _Work, measure
 from pipecc.passes.graph_facts import compute_nodes, grad_nodes, node_tensors
 
 MICROBATCH = sympy.Symbol("b", integer=True, positive=True)
+SEQUENCE = sympy.Symbol("T", integer=True, positive=True)  # with sequence_dim: the sequence length
 _INT_FIELDS = tuple(f.name for f in fields(NodeWork) if f.type == "int")
 
 
@@ -55,8 +56,8 @@ class WorkFormula:
     has_input_grad: bool
     trainable: bool
 
-    def at(self, microbatch_size: int) -> NodeWork:
-        counts = {name: int(getattr(self, name).subs(MICROBATCH, microbatch_size)) for name in _INT_FIELDS}
+    def at(self, sizes: Mapping[sympy.Symbol, int]) -> NodeWork:
+        counts = {name: int(getattr(self, name).subs(sizes)) for name in _INT_FIELDS}
         return NodeWork(**counts, has_input_grad=self.has_input_grad, trainable=self.trainable)
 
 
@@ -69,9 +70,10 @@ class SymbolicCosts:
     param_names: Mapping[str, tuple[str, ...]]  # node -> canonical names of the parameters it reads
     param_bytes: Mapping[str, int]
     traced_microbatch_size: int
-    specialized: str | None  # why the formulas hold only at traced_microbatch_size, or None
+    specialized: str | None  # why the formulas hold only at the traced sizes, or None
+    traced_sequence_length: int | None = None  # set when the sequence length is symbolic (T) too
 
-    def at(self, microbatch_size: int) -> CostTable:
+    def at(self, microbatch_size: int, sequence_length: int | None = None) -> CostTable:
         """The CostTable a fresh compile at micro-batch size `microbatch_size` would compute.
 
         >>> import torch.nn.functional as F
@@ -82,8 +84,8 @@ class SymbolicCosts:
         >>> costs.nodes["_0"].flops_forward, costs.at(16)["_0"].flops_forward
         (64*b, 1024)
         """
-        check_microbatch_size(microbatch_size, self.traced_microbatch_size, self.specialized)
-        nodes = {name: node_cost(formula.at(microbatch_size), self.param_names[name], self.device)
+        sizes = check_sizes(self, microbatch_size, sequence_length)
+        nodes = {name: node_cost(formula.at(sizes), self.param_names[name], self.device)
                  for name, formula in self.nodes.items()}
         return CostTable(device=self.device, nodes=nodes, param_bytes=dict(self.param_bytes))
 
@@ -97,14 +99,27 @@ class SymbolicCosts:
                 else sympy.Integer(0))
 
 
-def check_microbatch_size(microbatch_size: int, traced_microbatch_size: int, specialized: str | None) -> None:
-    """ConfigError unless the formulas hold at `microbatch_size`."""
-    if not isinstance(microbatch_size, int) or isinstance(microbatch_size, bool) or microbatch_size < 1:
-        raise ConfigError(f"microbatch_size={microbatch_size!r}; it must be a positive integer.")
-    if specialized and microbatch_size != traced_microbatch_size:
+def check_sizes(traced: SymbolicCosts | StageFormulas, microbatch_size: int,
+                sequence_length: int | None) -> dict[sympy.Symbol, int]:
+    """The substitution {b: microbatch_size, T: sequence_length}; ConfigError unless the formulas hold there."""
+    for name, value in (("microbatch_size", microbatch_size), ("sequence_length", sequence_length)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name}={value!r}; it must be a positive integer.")
+    if sequence_length is not None and traced.traced_sequence_length is None:
+        raise ConfigError("sequence_length given, but the formulas keep the sequence length fixed.\n"
+                          "Compile with symbolic_sequence_dim set to the inputs' sequence dimension.")
+    sequence_length = sequence_length if sequence_length is not None else traced.traced_sequence_length
+    if traced.specialized and (microbatch_size, sequence_length) != (traced.traced_microbatch_size,
+                                                                      traced.traced_sequence_length):
         raise ConfigError(
-            f"the cost formulas hold only at micro-batch size {traced_microbatch_size}, not {microbatch_size}: "
-            f"{specialized}.\nCompile again at the new size, or make the model's shapes follow the input's batch dimension.")
+            f"the cost formulas hold only at micro-batch size {traced.traced_microbatch_size}, not {microbatch_size}"
+            f"{'' if sequence_length is None else f' (sequence length {traced.traced_sequence_length}, not {sequence_length})'}: "
+            f"{traced.specialized}.\nCompile again at the new size, or make the model's shapes follow the input's "
+            "batch dimension.")
+    sizes = {MICROBATCH: microbatch_size}
+    if sequence_length is not None:
+        sizes[SEQUENCE] = sequence_length
+    return sizes
 
 
 def roofline_ms(device: DeviceSpec, flops: sympy.Expr, bytes_moved: sympy.Expr) -> sympy.Expr:
@@ -115,14 +130,25 @@ def roofline_ms(device: DeviceSpec, flops: sympy.Expr, bytes_moved: sympy.Expr) 
     return seconds * 1000 + sympy.Float(device.op_overhead_ms)
 
 
-def symbolic_costs(captured: Captured, device: DeviceSpec) -> SymbolicCosts:
-    """Work formulas in the micro-batch size for every compute node of `captured`."""
+def symbolic_costs(captured: Captured, device: DeviceSpec, *, sequence_dim: int | None = None) -> SymbolicCosts:
+    """Work formulas in the micro-batch size b for every compute node of `captured`; with
+    `sequence_dim`, in the sequence length T too (dim `sequence_dim` of every model input and
+    target that has it, e.g. 1 for (batch, tokens) inputs)."""
     gm = captured.graph_module
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    inputs = [_symbolic_batch(mode, n.meta["val"]) for n in placeholders]
-    batch_symbols = [t.shape[0].node.expr for t in inputs if t.dim() and isinstance(t.shape[0], torch.SymInt)]
+    inputs = [_symbolic_sizes(mode, n.meta["val"], sequence_dim) for n in placeholders]
+    symbols = {MICROBATCH: _dim_symbols(inputs, 0)}
+    traced_sequence_length = None
+    if sequence_dim is not None:
+        symbols[SEQUENCE] = _dim_symbols(inputs, sequence_dim)
+        lengths = {int(n.meta["val"].shape[sequence_dim]) for n in placeholders if n.meta["val"].dim() > sequence_dim}
+        if len(lengths) != 1:
+            raise ConfigError(f"sequence_dim={sequence_dim}: the inputs' sizes there are {sorted(lengths) or 'missing'}; "
+                              "a sequence dimension has one size in every input that has it.\n"
+                              "Pass the dimension that holds the sequence (1 for (batch, tokens) inputs).")
+        traced_sequence_length = lengths.pop()
     values = _SymbolicValues(gm, mode).values_of(inputs)
     needs_grad = grad_nodes(gm)
     nodes: dict[str, WorkFormula] = {}
@@ -146,18 +172,23 @@ def symbolic_costs(captured: Captured, device: DeviceSpec) -> SymbolicCosts:
                 except Exception:  # as in annotate_costs: an op with no fake kernel is charged its bytes
                     measured[key] = _Work(0, 0, 0, _value_bytes(value_of(node)), False, node.name in needs_grad)
             counts = node_work(node, tensors, measured[key], value_of)
-        nodes[node.name] = _formula(counts, shape_env, batch_symbols)
+        nodes[node.name] = _formula(counts, shape_env, symbols)
     return SymbolicCosts(device=device, nodes=nodes, param_names=param_names, param_bytes=param_bytes,
                          traced_microbatch_size=captured.microbatch_size,
-                         specialized=_specialization(shape_env, batch_symbols))
+                         specialized=_specialization(shape_env, symbols),
+                         traced_sequence_length=traced_sequence_length)
 
 
-def _symbolic_batch(mode: FakeTensorMode, value: object) -> torch.Tensor:
-    """A fake tensor like `value` whose dim 0 (the batch) is a fresh symbol."""
+def _symbolic_sizes(mode: FakeTensorMode, value: object, sequence_dim: int | None) -> torch.Tensor:
+    """A fake tensor like `value` whose dim 0 (the batch), and `sequence_dim` if it has one, are fresh symbols."""
     assert isinstance(value, torch.Tensor), "capture gives every placeholder a tensor value"
     real = torch.empty(value.shape, dtype=value.dtype)
-    dims = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (real.dim() - 1) if real.dim() else []
+    dims = [DimDynamic.DYNAMIC if d == 0 or d == sequence_dim else DimDynamic.STATIC for d in range(real.dim())]
     return mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+
+def _dim_symbols(inputs: Sequence[torch.Tensor], dim: int) -> list[sympy.Expr]:
+    return [t.shape[dim].node.expr for t in inputs if t.dim() > dim and isinstance(t.shape[dim], torch.SymInt)]
 
 
 class _SymbolicValues(fx.Interpreter):
@@ -173,26 +204,29 @@ class _SymbolicValues(fx.Interpreter):
         return {node.name: value for node, value in self.env.items()}
 
 
-def _formula(counts: NodeWork, shape_env: ShapeEnv, batch_symbols: Sequence[sympy.Expr]) -> WorkFormula:
-    """NodeWork's SymInts as sympy polynomials in MICROBATCH (every input's batch symbol is b)."""
-    to_b = {s: MICROBATCH for s in batch_symbols}
+def _formula(counts: NodeWork, shape_env: ShapeEnv, symbols: Mapping[sympy.Symbol, Sequence[sympy.Expr]]) -> WorkFormula:
+    """NodeWork's SymInts as sympy polynomials in b (and T): every input's batch symbol becomes b."""
+    rename = {s: name for name, created in symbols.items() for s in created}
 
     def expr(value: object) -> sympy.Expr:
         if isinstance(value, torch.SymInt):
-            return sympy.expand(shape_env.simplify(value.node.expr).xreplace(to_b))
+            return sympy.expand(shape_env.simplify(value.node.expr).xreplace(rename))
         return sympy.Integer(int(value))
 
     counts_b = {name: expr(getattr(counts, name)) for name in _INT_FIELDS}
     return WorkFormula(**counts_b, has_input_grad=bool(counts.has_input_grad), trainable=bool(counts.trainable))
 
 
-def _specialization(shape_env: ShapeEnv, batch_symbols: Sequence[sympy.Expr]) -> str | None:
-    """Why the batch size got pinned to its traced value, or None when it stayed symbolic."""
-    for symbol in batch_symbols:
-        if shape_env.simplify(symbol).is_number:
-            where = next((f" by the guard {g.expr} at {g.sloc}" for g in shape_env.guards
-                          if symbol in g.expr.free_symbols and isinstance(g.expr, sympy.Eq)), "")
-            return f"torch specialised the batch dimension to {shape_env.simplify(symbol)}{where}"
+def _specialization(shape_env: ShapeEnv, symbols: Mapping[sympy.Symbol, Sequence[sympy.Expr]]) -> str | None:
+    """Why a size got pinned to its traced value, or None when every size stayed symbolic."""
+    for name, created in symbols.items():
+        for symbol in created:
+            value = shape_env.simplify(symbol)
+            if value.is_number:
+                where = next((f" by the guard {g.expr} at {g.sloc}" for g in shape_env.guards
+                              if symbol in g.expr.free_symbols and isinstance(g.expr, sympy.Eq)), "")
+                what = "batch dimension" if name == MICROBATCH else "sequence dimension"
+                return f"torch specialised the {what} to {value}{where}"
     return None
 
 
@@ -212,15 +246,18 @@ class StageFormulas:
     flops: sympy.Expr
     traced_microbatch_size: int
     specialized: str | None  # see SymbolicCosts.specialized
+    traced_sequence_length: int | None
 
-    def at(self, microbatch_size: int, like: StageCost) -> StageCost:
-        """The StageCost at `microbatch_size`; counts that do not depend on b are taken from `like`."""
-        check_microbatch_size(microbatch_size, self.traced_microbatch_size, self.specialized)
+    def at(self, microbatch_size: int, like: StageCost, sequence_length: int | None = None) -> StageCost:
+        """The StageCost at `microbatch_size` (and `sequence_length`); counts that do not depend
+        on them are taken from `like`."""
+        sizes = check_sizes(self, microbatch_size, sequence_length)
+
         def num(e: sympy.Expr) -> float:
-            return float(e.subs(MICROBATCH, microbatch_size))
+            return float(e.subs(sizes))
 
         def count(e: sympy.Expr) -> int:
-            return int(e.subs(MICROBATCH, microbatch_size))
+            return int(e.subs(sizes))
 
         return StageCost(
             num_nodes=like.num_nodes, num_params=like.num_params, flops=count(self.flops),
@@ -260,6 +297,7 @@ def stage_formulas(costs: SymbolicCosts, stages: Sequence[Stage], in_flight: Seq
             flops=sum((costs.nodes[n].flops_forward for n in stage.node_names if n in costs.nodes), sympy.Integer(0)),
             traced_microbatch_size=costs.traced_microbatch_size,
             specialized=costs.specialized,
+            traced_sequence_length=costs.traced_sequence_length,
         ))
     return tuple(result)
 
@@ -279,7 +317,8 @@ def _boundary_ms(device: DeviceSpec, crossing: Sequence[tuple[sympy.Expr, bool]]
 
 def format_formulas(formulas: Sequence[StageFormulas], digits: int = 4) -> str:
     """One block per stage: time, traffic and memory formulas in b, numbers rounded to `digits`."""
-    lines = ["cost formulas per micro-batch of size b (ms, bytes):"]
+    sequence = formulas[0].traced_sequence_length is not None if formulas else False
+    lines = [f"cost formulas per micro-batch of size b{' and sequence length T' if sequence else ''} (ms, bytes):"]
     for s, f in enumerate(formulas):
         def show(e: sympy.Expr) -> str:
             return str(sympy.simplify(e).evalf(digits) if e.free_symbols else e.evalf(digits)).replace("1.0*", "")

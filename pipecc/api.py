@@ -21,7 +21,7 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
             schedule: str | None = None,
             device: DeviceSpec | str = "cpu", max_memory_bytes: int | None = None, cost_model: str = "analytic",
             profile_cache_dir: str | Path | None = None, cluster: Cluster | str | Path | None = None,
-            symbolic_sizes: bool = False, num_ranks: int | None = None) -> Plan:
+            symbolic_sizes: bool = False, symbolic_sequence_dim: int | None = None, num_ranks: int | None = None) -> Plan:
     """Compile `model` into a pipeline Plan of `num_stages` balanced stages.
 
     `num_ranks` (default: the schedule's placement) sets how many ranks share the stages: the V
@@ -39,7 +39,8 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
 
     `symbolic_sizes=True` keeps every stage's time and memory as formulas in the micro-batch size:
     `plan.what_if(microbatch_size=2 * b)` then predicts a step without tracing again, and
-    `plan.report(formulas=True)` prints them.
+    `plan.report(formulas=True)` prints them. `symbolic_sequence_dim=1` (for (batch, tokens) inputs)
+    makes the sequence length a symbol T too: `plan.what_if(b, sequence_length=2 * T)`.
 
     `num_stages="auto"` searches rank counts (the cluster's or `num_ranks`, and powers of two below),
     stages per rank, micro-batch counts (every divisor of the batch, or `num_microbatches` when it
@@ -59,7 +60,8 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     config = Config(num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
                     device=device_name, max_memory_bytes=max_memory_bytes, cost_model=cost_model,
                     profile_cache_dir=str(default_cache_dir(profile_cache_dir)) if cost_model == "profile" else None,
-                    symbolic_sizes=symbolic_sizes, num_ranks=num_ranks)
+                    symbolic_sizes=symbolic_sizes or symbolic_sequence_dim is not None,
+                    symbolic_sequence_dim=symbolic_sequence_dim, num_ranks=num_ranks)
     if cluster is not None and not isinstance(cluster, Cluster):
         cluster = Cluster.load(cluster)
     if num_stages == "auto":

@@ -26,6 +26,7 @@ class Config:
     cost_model: str = "analytic"  # "analytic" (roofline on the device spec) or "profile" (measured)
     profile_cache_dir: str | None = None  # where cost_model="profile" caches its times; None: no cache
     symbolic_sizes: bool = False  # keep cost formulas in the micro-batch size (plan.what_if, report(formulas=True))
+    symbolic_sequence_dim: int | None = None  # with symbolic_sizes: this input dim is the sequence length T too
 
 
 @dataclass(frozen=True)

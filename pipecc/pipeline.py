@@ -84,7 +84,8 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
     formulas = None
     if config.symbolic_sizes:
         with pass_context("symbolic_costs"):  # roofline formulas in the micro-batch size, for what-if questions
-            formulas = stage_formulas(symbolic_costs(captured, spec), stages, [in_flight(s) for s in range(num_stages)])
+            formulas = stage_formulas(symbolic_costs(captured, spec, sequence_dim=config.symbolic_sequence_dim), stages,
+                                      [in_flight(s) for s in range(num_stages)])
     return Plan(config=config, device=spec, stages=stages, schedule=schedule,
                 input_specs=Plan.batch_specs(example_inputs), target_spec=Plan.batch_specs([example_target])[0],
                 capture_method=captured.method, cost_formulas=formulas)

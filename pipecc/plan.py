@@ -75,19 +75,21 @@ class Plan:
 
         return simulate(self.schedule, [s.cost for s in self.stages])
 
-    def what_if(self, microbatch_size: int) -> "Timeline":  # noqa: F821
-        """The predicted timeline of one step with micro-batches of `microbatch_size`, the same
-        partition and schedule, from the cost formulas (compile with symbolic_sizes=True): no re-tracing."""
+    def what_if(self, microbatch_size: int, sequence_length: int | None = None) -> "Timeline":  # noqa: F821
+        """The predicted timeline of one step with micro-batches of `microbatch_size` (and sequences
+        of `sequence_length`, compiled with symbolic_sequence_dim), the same partition and schedule,
+        from the cost formulas (compile with symbolic_sizes=True): no re-tracing."""
         from pipecc.passes.simulate import simulate
 
-        return simulate(self.schedule, self.stage_costs_at(microbatch_size))
+        return simulate(self.schedule, self.stage_costs_at(microbatch_size, sequence_length))
 
-    def stage_costs_at(self, microbatch_size: int) -> tuple["StageCost", ...]:  # noqa: F821
+    def stage_costs_at(self, microbatch_size: int,
+                       sequence_length: int | None = None) -> tuple["StageCost", ...]:  # noqa: F821
         """Every stage's cost at micro-batch size `microbatch_size`, from the cost formulas."""
         if self.cost_formulas is None:
             raise ConfigError("this plan keeps no cost formulas.\n"
                               "Compile with symbolic_sizes=True to ask what-if questions about the micro-batch size.")
-        return tuple(f.at(microbatch_size, s.cost) for f, s in zip(self.cost_formulas, self.stages))
+        return tuple(f.at(microbatch_size, s.cost, sequence_length) for f, s in zip(self.cost_formulas, self.stages))
 
     def _prediction(self) -> str:
         timeline = self.simulate()

@@ -11,7 +11,7 @@ from pipecc.costs import DeviceSpec
 from pipecc.errors import ConfigError
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
-from pipecc.passes.symbolic import MICROBATCH, stage_formulas, symbolic_costs
+from pipecc.passes.symbolic import MICROBATCH, SEQUENCE, stage_formulas, symbolic_costs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = DeviceSpec.preset("cpu")
@@ -95,3 +95,23 @@ def test_a_specialised_batch_dimension_is_refused_at_other_sizes() -> None:
     assert formulas.at(2) == annotate_costs(captured, CPU)
     with pytest.raises(ConfigError, match=r"hold only at micro-batch size 2, not 4: torch specialised .*\nCompile again"):
         formulas.at(4)
+
+
+def test_sequence_length_formulas_equal_fresh_compiles() -> None:
+    """With sequence_dim=1, T is a symbol too: attention's FLOPs grow as T^2, the rest as T."""
+    model, inputs, loss_fn, target = gpt.build(batch_size=6, vocab_size=64, d_model=16, n_layers=1, n_heads=2,
+                                               seq_len=16)
+
+    def captured(b: int, seq: int):  # the model takes any length up to 16
+        tokens, labels = inputs[0][:2 * b, :seq].contiguous(), target[:2 * b, :seq].contiguous()
+        return capture(model, (tokens,), loss_fn, labels, num_microbatches=2)
+
+    formulas = symbolic_costs(captured(3, 8), CPU, sequence_dim=1)
+    assert formulas.specialized is None and formulas.traced_sequence_length == 8
+    attention = formulas.nodes["scaled_dot_product_attention"].flops_forward
+    assert sympy.degree(attention, SEQUENCE) == 2 and sympy.degree(attention, MICROBATCH) == 1
+    for b, seq in ((1, 4), (2, 16)):
+        assert formulas.at(b, seq) == annotate_costs(captured(b, seq), CPU), (b, seq)
+    assert formulas.at(3) == annotate_costs(captured(3, 8), CPU)  # T defaults to the traced length
+    with pytest.raises(ConfigError, match=r"sequence_length given, but the formulas keep the sequence length fixed"):
+        symbolic_costs(captured(3, 8), CPU).at(3, 16)
