@@ -132,16 +132,34 @@ class Plan:
         self.num_local_steps += 1
         return loss
 
-    def runner(self, *, timeout_s: float = 300.0, check_finite: bool = False) -> "DistRunner":  # noqa: F821
+    def measure_local(self, *inputs: torch.Tensor, target: torch.Tensor
+                      ) -> tuple[torch.Tensor, tuple["TimedAction", ...]]:  # noqa: F821
+        """run_local, also returning when each action ran (ms since the step began). One process runs
+        every rank's actions in turn, so the events never overlap: each shows an action's own time."""
+        from pipecc.runtime.executor import TimelineRecorder
+        from pipecc.runtime.local import run_local
+
+        from pipecc.passes.rng import dropout_step
+
+        self.check_inputs(inputs, target)
+        recorder = TimelineRecorder(self.schedule.stage_to_rank)
+        with dropout_step(self.dropout_seed, self.num_local_steps):
+            loss = run_local(self.stages, self.schedule, inputs, target, recorder=recorder)
+        self.num_local_steps += 1
+        return loss, recorder.events()
+
+    def runner(self, *, timeout_s: float = 300.0, check_finite: bool = False,
+               record_timeline: bool = False) -> "DistRunner":  # noqa: F821
         """The runner for this process's rank (needs an initialised torch.distributed group).
 
         Every wait for another rank gives up after `timeout_s`; a rank that fails posts where, so the
         others' errors name it. `check_finite` checks every stage output and input gradient for nan/inf
-        (one reduction per tensor) and names the stage and micro-batch of the first."""
+        (one reduction per tensor) and names the stage and micro-batch of the first. `record_timeline`
+        times every action (runner.gather_events() after a step); off, it costs nothing."""
         from pipecc.runtime.dist import DistRunner
 
         return DistRunner(self.stages, self.schedule, timeout_s=timeout_s, validate=self.check_inputs,
-                          check_finite=check_finite, dropout_seed=self.dropout_seed)
+                          check_finite=check_finite, dropout_seed=self.dropout_seed, record_timeline=record_timeline)
 
     def emit(self, directory: str | Path) -> Path:
         """Write plan.json, one Python module per rank and one weight shard per rank into `directory`."""

@@ -3,6 +3,7 @@ through a Transport. The same interpreter serves the local and the distributed r
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -12,6 +13,7 @@ from torch import nn
 from pipecc.errors import PipelineRuntimeError
 from pipecc.ir import Action, ActionKind, InputKind, Schedule, Stage, TensorSpec
 from pipecc.passes.rng import dropout_microbatch
+from pipecc.passes.simulate import TimedAction
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,13 @@ class RankExecutor:
     """Executes actions for the stages of one rank (or of every rank, in the local runtime)."""
 
     def __init__(self, stages: Sequence[Stage], schedule: Schedule, transport: Transport,
-                 device: torch.device) -> None:
+                 device: torch.device, recorder: TimelineRecorder | None = None) -> None:
         self.stages = stages  # all stages of the plan; only the local ones' graphs are run
         self.schedule = schedule
         self.transport = transport
         self.device = device
         self.last_stage = schedule.num_stages - 1
+        self.recorder = recorder  # None: no timestamps taken at all
 
     def run(self, actions: Sequence[Action], inputs: Sequence[torch.Tensor],
             target: torch.Tensor) -> torch.Tensor | None:
@@ -54,6 +57,7 @@ class RankExecutor:
         losses: dict[int, torch.Tensor] = {}
         for action in actions:
             s, mb = action.stage, action.microbatch
+            started = time.perf_counter() if self.recorder is not None else 0.0
             try:
                 match action.kind:
                     case ActionKind.F:
@@ -92,10 +96,31 @@ class RankExecutor:
             except PipelineRuntimeError as err:
                 err.add_note(f"while running action {action} (stage {s}, micro-batch {mb})")
                 raise
+            if self.recorder is not None:
+                self.recorder.record(action, started, time.perf_counter())
         self.transport.flush()
         if not losses:
             return None
         return torch.stack([losses[mb] for mb in range(m)]).mean()
+
+
+class TimelineRecorder:
+    """When each action ran: time.perf_counter() around it (two clock reads, nothing else), in ms
+    since `origin` (the runtimes take it right after a barrier at the step's start). A send is timed
+    while it is posted (isend), a receive until its tensors have arrived."""
+
+    def __init__(self, stage_to_rank: Sequence[int]) -> None:
+        self.stage_to_rank = tuple(stage_to_rank)
+        self.origin = time.perf_counter()
+        self._raw: list[tuple[Action, float, float]] = []
+
+    def record(self, action: Action, start: float, end: float) -> None:
+        self._raw.append((action, start, end))
+
+    def events(self) -> tuple[TimedAction, ...]:
+        """The recorded actions in the order they ran, each with its rank."""
+        ms = lambda t: (t - self.origin) * 1e3  # noqa: E731
+        return tuple(TimedAction(self.stage_to_rank[a.stage], a, ms(start), ms(end)) for a, start, end in self._raw)
 
 
 def _stage_args(stage: Stage, received: list[torch.Tensor], inputs: list[torch.Tensor],

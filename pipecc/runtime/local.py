@@ -10,7 +10,7 @@ import torch
 from pipecc.ir import Schedule, Stage, TensorSpec
 from pipecc.passes.insert_comm import insert_comm
 from pipecc.passes.schedules.verify import execution_order
-from pipecc.runtime.executor import Message, RankExecutor, param_device
+from pipecc.runtime.executor import Message, RankExecutor, TimelineRecorder, param_device
 
 
 class MailboxTransport:
@@ -30,12 +30,14 @@ class MailboxTransport:
 
 
 def run_local(stages: Sequence[Stage], schedule: Schedule, inputs: Sequence[torch.Tensor],
-              target: torch.Tensor) -> torch.Tensor:
+              target: torch.Tensor, recorder: TimelineRecorder | None = None) -> torch.Tensor:
     """One training step of every rank in this process; returns the mean micro-batch loss.
-    Gradients accumulate in the parameters' .grad, as loss.backward() would."""
+    Gradients accumulate in the parameters' .grad, as loss.backward() would. With a `recorder`,
+    each action's start and end are recorded (the ranks take turns: nothing overlaps)."""
     lowered = insert_comm(schedule)
     order = [action for _, action in execution_order(lowered)]
-    executor = RankExecutor(stages, schedule, MailboxTransport(), param_device([s.graph for s in stages]))
+    executor = RankExecutor(stages, schedule, MailboxTransport(), param_device([s.graph for s in stages]),
+                            recorder=recorder)
     loss = executor.run(order, inputs, target)
     assert loss is not None
     return loss
