@@ -149,7 +149,7 @@ def classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[object]) -> Gra
                 f"graph input {node.name} is {type(example).__name__}"
                 f"{'' if not isinstance(example, torch.Tensor) else ' with symbolic shape ' + str(tuple(example.shape))}; "
                 "pipecc plans have static shapes.\n"
-                "Pass dynamic=False to torch.compile and keep the batch shape fixed (pad the last batch)."
+                "Pass dynamic=False to torch.compile: each batch shape then gets a plan of its own."
             )
         source = _source_name(node)
         path = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]", source)
