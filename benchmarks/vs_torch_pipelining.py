@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,18 @@ from torch import nn  # noqa: E402
 
 import pipecc  # noqa: E402
 from _common import SavedActivationMeter, format_table, imbalance, parameters_of, stage_times_ms  # noqa: E402
+from pipecc.passes.schedules import SCHEDULES as PIPECC_SCHEDULES  # noqa: E402
 from pipecc.runtime.launch import spawn_local  # noqa: E402
 from pipecc.testing import assert_same_grads, reference_step  # noqa: E402
 
 NUM_RANKS = 2
 # The schedule families both systems have: pipecc's schedule name -> torch's schedule class name.
-TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "zbv": "ScheduleZBVZeroBubble"}
-STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "zbv": 2}
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "zbv": "ScheduleZBVZeroBubble",
+                   "interleaved-1f1b": "ScheduleInterleaved1F1B", "looped-bfs": "ScheduleLoopedBFS"}
+# How each places its stages: one per rank, two per rank in a V (rank r holds r and 2p-1-r), or
+# two per rank in a loop (rank r holds r and r+p). pipecc and torch place them the same way.
+DEFAULT_SCHEDULES = {"tiny": ("1f1b", "zbv"), "quick": ("1f1b", "zbv"), "full": ("1f1b", "zbv", "gpipe")}
+PLACEMENT = {"gpipe": "one", "1f1b": "one", "zbv": "v", "interleaved-1f1b": "loop", "looped-bfs": "loop"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +79,7 @@ class Case:
 
     @property
     def num_stages(self) -> int:
-        return NUM_RANKS * STAGES_PER_RANK[self.schedule]
+        return NUM_RANKS * (1 if PLACEMENT[self.schedule] == "one" else 2)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class Settings:
     repeats: int  # timed runs per system (medians are over these)
     steps_per_run: int  # training steps in one timed run
     stage_repeats: int  # samples per stage for the imbalance measurement
+    cost_model: str = "analytic"  # pipecc's cost model: "analytic" (roofline) or "profile" (timed nodes)
+    profile_cache_dir: str | None = None  # profiled costs, filled before the ranks start (see main)
 
 
 @dataclass(frozen=True)
@@ -102,17 +110,17 @@ MODELS: dict[str, dict[str, tuple[str, dict[str, int], int, int]]] = {
     # model -> size -> (family, build sizes, batch_size, num_microbatches)
     "gpt-8k": {
         "tiny": ("gpt", dict(vocab_size=1024, d_model=32, n_layers=4, n_heads=2, seq_len=16), 8, 4),
-        "quick": ("gpt", dict(vocab_size=8192, d_model=128, n_layers=8, n_heads=4, seq_len=64), 16, 8),
+        "quick": ("gpt", dict(vocab_size=8192, d_model=128, n_layers=8, n_heads=4, seq_len=32), 16, 8),
         "full": ("gpt", dict(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, seq_len=128), 32, 16),
     },
     "gpt-32k": {
         "tiny": ("gpt", dict(vocab_size=4096, d_model=32, n_layers=4, n_heads=2, seq_len=16), 8, 4),
-        "quick": ("gpt", dict(vocab_size=32768, d_model=128, n_layers=8, n_heads=4, seq_len=64), 16, 8),
+        "quick": ("gpt", dict(vocab_size=32768, d_model=128, n_layers=8, n_heads=4, seq_len=32), 16, 8),
         "full": ("gpt", dict(vocab_size=32768, d_model=256, n_layers=12, n_heads=8, seq_len=128), 32, 16),
     },
     "bert": {
         "tiny": ("bert", dict(vocab_size=512, d_model=32, n_layers=4, n_heads=2, seq_len=16), 8, 4),
-        "quick": ("bert", dict(vocab_size=8192, d_model=128, n_layers=8, n_heads=4, seq_len=64), 16, 8),
+        "quick": ("bert", dict(vocab_size=8192, d_model=128, n_layers=8, n_heads=4, seq_len=32), 16, 8),
         "full": ("bert", dict(vocab_size=30522, d_model=256, n_layers=8, n_heads=8, seq_len=128), 32, 16),
     },
     "unet": {
@@ -247,10 +255,10 @@ def torch_stage_modules(case: Case, model: nn.Module) -> list[nn.Module]:
 
 
 def stage_placement(case: Case) -> list[int]:
-    """stage -> rank: one stage per rank in order, or the V shape (rank r holds r and 2p-1-r)."""
-    if STAGES_PER_RANK[case.schedule] == 1:
-        return list(range(case.num_stages))
-    return [s if s < NUM_RANKS else 2 * NUM_RANKS - 1 - s for s in range(case.num_stages)]
+    """stage -> rank, as PLACEMENT says."""
+    n, p = case.num_stages, NUM_RANKS
+    return {"one": list(range(n)), "loop": [s % p for s in range(n)],
+            "v": [s if s < p else 2 * p - 1 - s for s in range(n)]}[PLACEMENT[case.schedule]]
 
 
 class TorchSystem:
@@ -346,14 +354,19 @@ def _canonical_names(model: nn.Module, modules: Sequence[nn.Module]) -> dict[int
 # pipecc and the single-rank baselines
 
 
+def compile_case(case: Case, model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
+                 target: torch.Tensor, settings: Settings) -> pipecc.Plan:
+    return pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=case.num_stages,
+                          num_microbatches=case.num_microbatches, schedule=case.schedule,
+                          cost_model=settings.cost_model, profile_cache_dir=settings.profile_cache_dir)
+
+
 class PipeccSystem:
     name = "pipecc"
 
     def __init__(self, case: Case, model: nn.Module, inputs: Sequence[torch.Tensor],
-                 loss_fn: Callable[..., torch.Tensor], target: torch.Tensor) -> None:
-        self.plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target,
-                                   num_stages=case.num_stages, num_microbatches=case.num_microbatches,
-                                   schedule=case.schedule)
+                 loss_fn: Callable[..., torch.Tensor], target: torch.Tensor, settings: Settings) -> None:
+        self.plan = compile_case(case, model, inputs, loss_fn, target, settings)
         self.runner = self.plan.runner()
 
     def parameters(self) -> list[nn.Parameter]:
@@ -470,7 +483,7 @@ def bench_rank(case: Case, settings: Settings) -> dict[str, object]:
     micro_inputs = [t.chunk(case.num_microbatches)[0] for t in inputs]
     micro_target = target.chunk(case.num_microbatches)[0]
     expected_loss, expected = reference_step(model, inputs, loss_fn, target, case.num_microbatches)
-    systems: list[object] = [PipeccSystem(case, case.build()[0], inputs, loss_fn, target)]
+    systems: list[object] = [PipeccSystem(case, case.build()[0], inputs, loss_fn, target, settings)]
     unsupported = torch_unsupported(case, loss_fn, micro_inputs, micro_target)
     if not unsupported:
         systems.append(TorchSystem(case, case.build()[0], loss_fn))
@@ -485,14 +498,17 @@ def bench_rank(case: Case, settings: Settings) -> dict[str, object]:
 
     timed = systems + baselines
     times: dict[str, list[float]] = {s.name: [] for s in timed}
+    cpu_times: dict[str, list[float]] = {s.name: [] for s in timed}
     optimizers = {s.name: torch.optim.SGD(s.parameters(), lr=1e-3) for s in timed}
     for run in range(settings.repeats + 1):  # run 0 warms up every system and is not counted
         order = timed if run % 2 == 0 else timed[::-1]
         for system in order:
-            seconds = _timed_run(system, optimizers[system.name], inputs, target, settings.steps_per_run,
-                                 on_this_rank=not isinstance(system, SingleRank) or rank == 0)
+            seconds, cpu_seconds = _timed_run(system, optimizers[system.name], inputs, target,
+                                              settings.steps_per_run,
+                                              on_this_rank=not isinstance(system, SingleRank) or rank == 0)
             if run > 0:
                 times[system.name].append(seconds / settings.steps_per_run)
+                cpu_times[system.name].append(cpu_seconds / settings.steps_per_run)
 
     stage_ms: dict[str, list[float]] = {}
     if rank == 0:  # every stage alone, in this process, while the other ranks wait at the barrier
@@ -503,7 +519,7 @@ def bench_rank(case: Case, settings: Settings) -> dict[str, object]:
             stage_ms["torch"] = stage_times_ms(torch_stage_fns(case, modules, micro_inputs, micro_target, loss_fn),
                                                repeats=settings.stage_repeats)
     dist.barrier()
-    return dict(times=times, saved=saved, stage_ms=stage_ms, unsupported=unsupported)
+    return dict(times=times, cpu_times=cpu_times, saved=saved, stage_ms=stage_ms, unsupported=unsupported)
 
 
 def bench_ranks(cases: Sequence[Case], settings: Settings) -> list[dict[str, object]]:
@@ -518,17 +534,22 @@ def bench_ranks(cases: Sequence[Case], settings: Settings) -> list[dict[str, obj
 
 
 def _timed_run(system: object, optimizer: torch.optim.Optimizer, inputs: Sequence[torch.Tensor],
-               target: torch.Tensor, steps: int, on_this_rank: bool) -> float:
-    """Seconds for `steps` training steps (zero_grad, step, SGD update), between two barriers."""
+               target: torch.Tensor, steps: int, on_this_rank: bool) -> tuple[float, float]:
+    """Wall seconds for `steps` training steps (zero_grad, step, SGD update) between two barriers,
+    and this process's CPU seconds for them.
+
+    CPU time is what the rank computed (and spent on messages): unlike wall time it hardly moves
+    when other processes share the cores, so it shows a runtime's own cost on a busy machine."""
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if on_this_rank:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             system.step(inputs, target)
             optimizer.step()
+    cpu_seconds = time.process_time() - cpu_start
     dist.barrier()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds
 
 
 def _saved_peak_bytes(system: object, inputs: Sequence[torch.Tensor], target: torch.Tensor) -> int:
@@ -552,10 +573,12 @@ def _merge(case: Case, per_rank: Sequence[dict]) -> Result:
     # A run ends at a barrier, so every rank measures the same span: take rank 0's.
     step_s = {name: statistics.median(samples) for name, samples in rank0["times"].items()}
     saved = {name: [r["saved"][name] for r in per_rank if name in r["saved"]] for name in rank0["saved"]}
+    cpu = {name: [statistics.median(r["cpu_times"][name]) for r in per_rank] for name in ("pipecc", "torch")
+           if name in rank0["cpu_times"]}
     _, inputs, _, _ = case.build()
     is_text = case.family in ("gpt", "bert")
     return Result(case, inputs[0].numel() if is_text else inputs[0].shape[0], "tokens" if is_text else "samples",
-                  step_s, saved, rank0["stage_ms"], rank0["unsupported"])
+                  step_s, cpu, saved, rank0["stage_ms"], rank0["unsupported"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +608,15 @@ def format_results(results: Sequence[Result]) -> str:
             _mib(r.saved_peak_bytes["pipecc"]), _mib(r.saved_peak_bytes["torch"]) if has_torch else "-",
         ])
         stages = "; ".join(f"{name} " + " ".join(f"{ms:.1f}" for ms in times) for name, times in r.stage_ms.items())
+        cpu = "; ".join(f"{name} " + "/".join(f"{1e3 * sec:.0f}" for sec in per_rank)
+                        for name, per_rank in r.cpu_step_s.items())
+        # The whole batch in one go vs the same work cut into m micro-batches: smaller matmuls run
+        # slower on a CPU, which caps any pipeline's speedup below the rank count.
+        micro_ms = r.case.num_microbatches * sum(r.stage_ms["pipecc"])
         notes.append(f"{r.case.model} {r.case.schedule}: stage F+B ms per micro-batch: {stages}; "
+                     f"m x sum(stages) {micro_ms:.0f} ms vs one whole-batch step {1e3 * s['single-1t']:.0f} ms "
+                     f"(micro-batching efficiency {1e3 * s['single-1t'] / micro_ms:.2f}); "
+                     f"CPU ms per step by rank: {cpu}; "
                      f"single rank saves {_mib(r.saved_peak_bytes['single-1t'])} on the whole batch"
                      + (f"; torch unsupported: {r.torch_unsupported}" if r.torch_unsupported else ""))
     units = sorted({f"{r.case.model}: {r.unit}" for r in results})
@@ -606,18 +637,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", choices=("tiny", "quick", "full"), default="full")
     parser.add_argument("--quick", action="store_const", const="quick", dest="size", help="same as --size quick")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--schedules", nargs="+", choices=list(TORCH_SCHEDULES), default=["1f1b", "gpipe"])
+    known = [name for name in TORCH_SCHEDULES if name in PIPECC_SCHEDULES]  # both systems have them
+    parser.add_argument("--schedules", nargs="+", choices=known, default=None,
+                        help="default: 1f1b and zbv (and gpipe at full size), where pipecc has them")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per system (default by size)")
     parser.add_argument("--steps-per-run", type=int, default=None, help="training steps per timed run")
+    parser.add_argument("--cost-model", choices=("analytic", "profile"), default="analytic",
+                        help="pipecc's cost model (default analytic: the roofline estimate; profile times the nodes)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    defaults = {"tiny": Settings(1, 1, 1), "quick": Settings(5, 2, 3), "full": Settings(7, 3, 5)}[args.size]
+    defaults = {"tiny": Settings(1, 1, 1), "quick": Settings(3, 2, 3), "full": Settings(7, 3, 5)}[args.size]
+    schedules = args.schedules or [s for s in DEFAULT_SCHEDULES[args.size] if s in known]
     settings = dataclasses.replace(defaults, **{k: v for k, v in (("repeats", args.repeats),
                                                                   ("steps_per_run", args.steps_per_run))
                                                 if v is not None})
     torch.set_num_threads(1)
-    print(f"pipecc vs torch.distributed.pipelining, size {args.size}: {machine_line()}", flush=True)
-    results = run_cases(make_cases(args.size, args.models, args.schedules), settings)
+    print(f"pipecc vs torch.distributed.pipelining, size {args.size}, pipecc cost model {args.cost_model}: "
+          f"{machine_line()}", flush=True)
+    cases = make_cases(args.size, args.models, schedules)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        if args.cost_model == "profile":
+            # Profile here, once: the ranks then read the same cached times and compile the same
+            # plan (two ranks profiling side by side would measure different times).
+            settings = dataclasses.replace(settings, cost_model="profile", profile_cache_dir=cache_dir)
+            for case in cases:
+                model, inputs, loss_fn, target = case.build()
+                compile_case(case, model, inputs, loss_fn, target, settings)
+        results = run_cases(cases, settings)
     print()
     print(format_results(results))
     if args.json:
