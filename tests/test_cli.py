@@ -186,7 +186,8 @@ def test_parse_bytes() -> None:
 
 
 @pytest.mark.dist
-def test_run_trains_on_two_gloo_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_trains_on_two_gloo_ranks(capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "examples/mlp.py:build", "--ranks", "2", "--microbatches", "2", "--steps", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "median step time" in out
+    out = capfd.readouterr().out  # capfd: the progress lines come from the spawned ranks
+    assert re.search(r"^step 3/3  loss [0-9.]+  [0-9.]+ ms$", out, flags=re.M)  # a progress line per step
+    assert re.search(r"median step time [0-9.]+ ms .* predicted [0-9.]+ ms .* \(measured/predicted [0-9.]+\)", out)
