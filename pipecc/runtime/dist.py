@@ -207,7 +207,8 @@ class DistRunner:
         self._num_steps += 1
         transport = DistTransport(self.schedule, self.stages, self.device, self.timeout_s)
         recorder = self._start_timeline() if self.record_timeline else None
-        executor = RankExecutor(self.stages, self.schedule, transport, self.device, recorder=recorder)
+        executor = RankExecutor(self.stages, self.schedule, transport, self.device, recorder=recorder,
+                                check_finite=self.check_finite)
         try:
             if callable(self._validate):
                 self._validate(inputs, target)
@@ -221,7 +222,7 @@ class DistRunner:
             if broadcast_loss:
                 loss = self._broadcast_loss(loss)
         except Exception as err:
-            raise self._report_failure(err, getattr(executor, "current", None)) from None
+            raise self._report_failure(err, executor.current) from None
         return loss
 
     def _start_timeline(self) -> TimelineRecorder:

@@ -36,13 +36,15 @@ class RankExecutor:
     """Executes actions for the stages of one rank (or of every rank, in the local runtime)."""
 
     def __init__(self, stages: Sequence[Stage], schedule: Schedule, transport: Transport,
-                 device: torch.device, recorder: TimelineRecorder | None = None) -> None:
+                 device: torch.device, recorder: TimelineRecorder | None = None, check_finite: bool = False) -> None:
         self.stages = stages  # all stages of the plan; only the local ones' graphs are run
         self.schedule = schedule
         self.transport = transport
         self.device = device
         self.last_stage = schedule.num_stages - 1
         self.recorder = recorder  # None: no timestamps taken at all
+        self.check_finite = check_finite  # nan/inf in a stage output or input gradient: PipelineRuntimeError
+        self.current: Action | None = None  # the action running (or the last one run): failure reports name it
 
     def run(self, actions: Sequence[Action], inputs: Sequence[torch.Tensor],
             target: torch.Tensor) -> torch.Tensor | None:
@@ -57,6 +59,7 @@ class RankExecutor:
         losses: dict[int, torch.Tensor] = {}
         for action in actions:
             s, mb = action.stage, action.microbatch
+            self.current = action
             started = time.perf_counter() if self.recorder is not None else 0.0
             try:
                 match action.kind:
@@ -66,14 +69,19 @@ class RankExecutor:
                                            micro_target[mb])
                         with dropout_microbatch(mb):  # seeded dropout draws this micro-batch's masks
                             outputs = runners[s].forward(mb, args)
+                        if self.check_finite:
+                            check_finite(self.stages[s], [o.name for o in self.stages[s].outputs], outputs, mb,
+                                         "output", "forward")
                         if s == self.last_stage:
                             losses[mb] = outputs[0].detach()
                         else:
                             activations[(s, mb)] = [o.detach() for o in outputs]
-                    case ActionKind.BW:
-                        grads[(s, mb)] = runners[s].backward(mb, grads.pop((s + 1, mb), None))
-                    case ActionKind.B:
-                        grads[(s, mb)] = runners[s].backward_input(mb, grads.pop((s + 1, mb), None))
+                    case ActionKind.BW | ActionKind.B:
+                        backward = runners[s].backward if action.kind is ActionKind.BW else runners[s].backward_input
+                        grads[(s, mb)] = backward(mb, grads.pop((s + 1, mb), None))
+                        if self.check_finite:
+                            check_finite(self.stages[s], [i.name for i in self.stages[s].activation_inputs],
+                                         grads[(s, mb)], mb, "input gradient", "backward")
                     case ActionKind.W:
                         runners[s].backward_weight(mb)
                     case ActionKind.SEND_F:
@@ -296,6 +304,22 @@ def _expand_grads(received: list[torch.Tensor], stage: Stage) -> list[torch.Tens
     """Received gradients (only for inputs that need them) put back at their input positions."""
     it = iter(received)
     return [next(it) if i.spec.requires_grad else None for i in stage.activation_inputs]
+
+
+def check_finite(stage: Stage, names: Sequence[str], tensors: Sequence[torch.Tensor | None], mb: int, what: str,
+                 phase: str) -> None:
+    """PipelineRuntimeError naming the stage, the value and the micro-batch if a tensor holds nan or inf."""
+    for name, tensor in zip(names, tensors):
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise PipelineRuntimeError(
+                f"stage {stage.index} (rank {stage.rank}) computed {bad} non-finite value{'s' if bad > 1 else ''} "
+                f"(nan/inf) in {what} {name} in the {phase} of micro-batch {mb}.\n"
+                f"Check micro-batch {mb}'s inputs and the ops of stage {stage.index} (log or division by zero, "
+                "overflow); check_finite=False turns this check off."
+            )
 
 
 def zero_grad_like(spec: TensorSpec, device: torch.device) -> torch.Tensor:
