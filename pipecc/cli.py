@@ -14,7 +14,6 @@ import importlib.util
 import json
 import re
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -79,13 +78,22 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], Callabl
     return model, tuple(inputs), loss_fn, target
 
 
-def _compile(args: argparse.Namespace, spec: str, num_stages: int):  # -> Plan
+def _compile_kwargs(args: argparse.Namespace, num_stages: int, num_ranks: int | None = None) -> dict[str, object]:
+    """pipecc.compile's keyword arguments from the command line (the same on every rank of `run`)."""
+    kwargs: dict[str, object] = dict(
+        num_stages=num_stages, num_microbatches=args.microbatches, schedule=args.schedule, device=args.device,
+        max_memory_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None)
+    if num_ranks is not None:
+        kwargs["num_ranks"] = num_ranks
+    return kwargs
+
+
+def _compile(args: argparse.Namespace, spec: str, num_stages: int, num_ranks: int | None = None):  # -> Plan
     from pipecc.api import compile as compile_plan
 
     model, inputs, loss_fn, target = build_model(spec)
-    plan = compile_plan(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=num_stages,
-                        num_microbatches=args.microbatches, schedule=args.schedule, device=args.device,
-                        max_memory_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None)
+    plan = compile_plan(model, inputs, loss_fn=loss_fn, example_target=target,
+                        **_compile_kwargs(args, num_stages, num_ranks))  # type: ignore[arg-type]
     return plan, (model, inputs, loss_fn, target)
 
 
@@ -129,40 +137,29 @@ def cmd_emit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_rank(spec: str, stages: int, microbatches: int, schedule: str, device: str, steps: int,
-                lr: float) -> list[tuple[float, float]]:
+def _train_rank(spec: str, compile_kwargs: dict[str, object], steps: int, lr: float) -> list[tuple[float, float]]:
     """One rank of `pipecc run`: compile (the same plan on every rank), then train `steps` SGD steps."""
     import torch.distributed as dist
 
     from pipecc.api import compile as compile_plan
+    from pipecc.run import train
 
     model, inputs, loss_fn, target = build_model(spec)
-    plan = compile_plan(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=stages,
-                        num_microbatches=microbatches, schedule=schedule, device=device)
-    runner = plan.runner()
-    optimizer = torch.optim.SGD(list(runner.parameters()), lr=lr)
-    history = []
-    for step in range(steps):
-        optimizer.zero_grad()
-        dist.barrier()
-        start = time.perf_counter()
-        loss = runner.step(*inputs, target=target, broadcast_loss=True)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        optimizer.step()
-        history.append((float(loss), elapsed_ms))
-        if dist.get_rank() == plan.num_ranks - 1:
-            print(f"step {step + 1}/{steps}  loss {float(loss):.6f}  {elapsed_ms:.1f} ms", flush=True)
-    return history
+    plan = compile_plan(model, inputs, loss_fn=loss_fn, example_target=target, **compile_kwargs)  # type: ignore[arg-type]
+    return train(plan, inputs, target, steps=steps, lr=lr, timeout_s=300.0,
+                 log_rank=dist.get_rank() == plan.schedule.stage_to_rank[-1])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipecc.passes.schedules import SCHEDULES
     from pipecc.runtime.launch import spawn_local
 
-    plan, _ = _compile(args, args.model, args.ranks)
+    per_rank = SCHEDULES[args.schedule].stages_per_rank if args.schedule in SCHEDULES else 1
+    kwargs = _compile_kwargs(args, args.ranks * per_rank, num_ranks=args.ranks)
+    plan, _ = _compile(args, args.model, args.ranks * per_rank, num_ranks=args.ranks)
     print(plan.report())
     print(f"\ntraining {args.steps} steps on {args.ranks} local gloo ranks ...", flush=True)
-    history = spawn_local(_train_rank, args.ranks, args.model, args.ranks, args.microbatches, args.schedule,
-                          args.device, args.steps, args.lr)[-1]
+    history = spawn_local(_train_rank, args.ranks, args.model, kwargs, args.steps, args.lr)[0]
     times = sorted(ms for _, ms in history[1:]) or [history[0][1]]
     measured = times[len(times) // 2]
     predicted = plan.simulate().step_time_ms
@@ -175,7 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _schedule_help() -> str:
     from pipecc.passes.schedules import SCHEDULES
 
-    return "pipeline schedule (default 1f1b): " + "; ".join(f"{k.name}: {k.summary}" for k in SCHEDULES.values())
+    return ("pipeline schedule (default 1f1b): " + "; ".join(f"{k.name}: {k.summary}" for k in SCHEDULES.values())
+            + "; auto: every schedule that fits the memory limit, the fastest by the simulator")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -218,11 +216,12 @@ def make_parser() -> argparse.ArgumentParser:
     emit.add_argument("-o", "--output", metavar="DIR", required=True, help="directory to write (created if needed)")
     emit.set_defaults(func=cmd_emit)
 
-    run = sub.add_parser("run", help="train a few pipelined steps on local gloo ranks (one stage per rank)",
+    run = sub.add_parser("run", help="train a few pipelined steps on local gloo ranks",
                          description="Spawn --ranks local gloo processes, train --steps SGD steps on the factory's "
                                      "example batch, and print the measured against the predicted step time.")
     common(run)
-    run.add_argument("--ranks", type=int, default=2, help="processes, one stage each (default 2)")
+    run.add_argument("--ranks", type=int, default=2,
+                     help="processes (default 2); one stage each, two with the V schedules")
     run.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     run.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     run.set_defaults(func=cmd_run)

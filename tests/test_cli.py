@@ -187,7 +187,10 @@ def test_parse_bytes() -> None:
 
 @pytest.mark.dist
 def test_run_trains_on_two_gloo_ranks(capfd: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "examples/mlp.py:build", "--ranks", "2", "--microbatches", "2", "--steps", "3"]) == 0
+    """zbv: 2 ranks hold 4 stages in a V (the last stage, which logs, is on rank 0)."""
+    assert main(["run", "examples/mlp.py:build", "--ranks", "2", "--microbatches", "4", "--steps", "3",
+                 "--schedule", "zbv"]) == 0
     out = capfd.readouterr().out  # capfd: the progress lines come from the spawned ranks
+    assert "4 stages on 2 ranks, schedule zbv" in out
     assert re.search(r"^step 3/3  loss [0-9.]+  [0-9.]+ ms$", out, flags=re.M)  # a progress line per step
     assert re.search(r"median step time [0-9.]+ ms .* predicted [0-9.]+ ms .* \(measured/predicted [0-9.]+\)", out)
