@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from pipecc.cluster import Cluster, LinkSpec
-from pipecc.passes.partition import CutValue, InFlight, PartitionProblem, solve
+from pipecc.passes.partition import InFlight, PartitionProblem, solve
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class Coarsening:
 
 def coarsen(problem: PartitionProblem, boundaries: Sequence[int] | np.ndarray) -> Coarsening:
     """Merge the nodes between consecutive kept `boundaries` (sorted, each in 1..N-1) into one node:
-    times and saved bytes add up, parameters are the union, values keep the boundaries they cross.
-    Any partition cutting only at kept boundaries costs the same in both problems.
+    times and saved bytes add up, parameters are the union, and each kept boundary keeps the traffic
+    crossing it. Any partition cutting only at kept boundaries costs the same in both problems.
 
     >>> from pipecc.costs import DeviceSpec
     >>> p = PartitionProblem(("a", "b", "c"), (1.0, 2.0, 4.0), (0, 0, 0), ((), (), ()), {}, (), DeviceSpec.preset("cpu"))
@@ -67,27 +67,22 @@ def coarsen(problem: PartitionProblem, boundaries: Sequence[int] | np.ndarray) -
     starts = np.concatenate([[0], np.asarray(boundaries, dtype=np.int64)])
     assert np.all(np.diff(starts) > 0) and starts[-1] < n, "boundaries must be sorted, inside the graph"
     ends = np.append(starts[1:], n)
-    group_of = np.cumsum(np.isin(np.arange(n + 1), starts[1:])) if n else np.zeros(1, dtype=np.int64)
-    group_of[n] = len(starts)  # the graph output
+    group_of = np.cumsum(np.isin(np.arange(n), starts[1:]))
     names = tuple(problem.node_names[a] if b - a == 1 else f"{problem.node_names[a]}..{problem.node_names[b - 1]}"
                   for a, b in zip(starts.tolist(), ends.tolist()))
     params: list[dict[str, None]] = [{} for _ in starts]
     for i, node_params in enumerate(problem.node_params):
         if node_params:
             params[group_of[i]].update(dict.fromkeys(node_params))
-    values = []
-    for v in problem.values:
-        producer, last_use = int(group_of[v.producer]), int(group_of[v.last_use])
-        if last_use > producer:
-            values.append(CutValue(producer, last_use, v.forward_bytes, v.grad_bytes, v.opaque))
     coarse = PartitionProblem(
         node_names=names,
         node_ms=tuple(np.add.reduceat(np.asarray(problem.node_ms, dtype=np.float64), starts).tolist()),
         saved_bytes=tuple(int(x) for x in np.add.reduceat(np.asarray(problem.saved_bytes, dtype=np.int64), starts)),
         node_params=tuple(tuple(p) for p in params),
         param_bytes=problem.param_bytes,
-        values=tuple(values),
+        values=(),  # a value crosses coarse boundary k exactly when it crosses original boundary starts[k]
         device=problem.device,
+        boundary_traffic=problem.traffic.at(np.append(starts, n)),
     )
     return Coarsening(coarse, tuple(starts.tolist()))
 

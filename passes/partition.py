@@ -23,7 +23,7 @@ limit, but with several stages per rank under a tight limit a feasible partition
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Mapping, Sequence
 
@@ -104,6 +104,11 @@ class Traffic:
     grad_messages: np.ndarray
     cuttable: np.ndarray  # bool: no opaque value crosses it
 
+    def at(self, boundaries: np.ndarray) -> Traffic:
+        """The traffic at the given boundaries only, in their order."""
+        return Traffic(self.forward_bytes[boundaries], self.forward_messages[boundaries], self.grad_bytes[boundaries],
+                       self.grad_messages[boundaries], self.cuttable[boundaries])
+
     def forward_ms(self, boundary: int, link: LinkSpec | None) -> float:
         """Time to send the activations crossing `boundary` over `link` (0 for None: same rank)."""
         if link is None:
@@ -135,6 +140,9 @@ class PartitionProblem:
     param_bytes: Mapping[str, int]
     values: tuple[CutValue, ...]
     device: DeviceSpec
+    # A coarsened problem carries its boundaries' traffic from the original one (which is where
+    # its values live) instead of rebuilding every value: see pipecc.passes.coarsen.
+    boundary_traffic: Traffic | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_nodes(self) -> int:
@@ -143,6 +151,8 @@ class PartitionProblem:
     @cached_property
     def traffic(self) -> Traffic:
         """Boundary sums by difference arrays: O(N + values), however far each value skips."""
+        if self.boundary_traffic is not None:
+            return self.boundary_traffic
         n = self.num_nodes
         columns = np.zeros((5, n + 2), dtype=np.float64)
         if self.values:

@@ -147,7 +147,7 @@ def test_coarsened_partition_of_gpt_equals_the_uncoarsened_one(monkeypatch: pyte
         assert exact * (1 - 1e-9) <= sampled <= exact * 1.01
 
 
-def test_coarsen_merges_groups_and_remaps_values() -> None:
+def test_coarsen_merges_groups_and_keeps_boundary_traffic() -> None:
     problem = PartitionProblem(("a", "b", "c", "d"), (1.0, 0.0, 2.0, 3.0), (10, 0, 20, 30), (("w",), (), ("w",), ()),
                                {"w": 100}, (CutValue(0, 3, 8, 8), CutValue(1, 2, 4, 0)), CPU)
     merged = coarsen(problem, [2])
@@ -155,5 +155,7 @@ def test_coarsen_merges_groups_and_remaps_values() -> None:
     assert merged.problem.node_names == ("a..b", "c..d")
     assert merged.problem.node_ms == (1.0, 5.0) and merged.problem.saved_bytes == (10, 50)
     assert merged.problem.node_params == (("w",), ("w",))
-    assert merged.problem.values == (CutValue(0, 1, 8, 8), CutValue(0, 1, 4, 0))
+    traffic = merged.problem.traffic  # boundaries 0, 2 (both values cross it) and 4 of the original
+    assert traffic.forward_bytes.tolist() == [0, 12, 0] and traffic.grad_bytes.tolist() == [0, 8, 0]
+    assert traffic.forward_messages.tolist() == [0, 2, 0] and traffic.grad_messages.tolist() == [0, 1, 0]
     assert merged.fine_cuts([1]) == [2]
