@@ -99,6 +99,7 @@ class Result:
     items_per_step: int  # tokens (or samples) in the global batch
     unit: str
     step_s: dict[str, float]  # system -> median seconds per step ("pipecc", "torch", "single-1t", "single-2t")
+    cpu_step_s: dict[str, list[float]]  # "pipecc" / "torch" -> per rank, median CPU seconds per step
     saved_peak_bytes: dict[str, list[int]]  # system -> per rank
     stage_ms: dict[str, list[float]]  # "pipecc" / "torch" -> per stage F+B ms, measured alone
     torch_unsupported: str = ""  # why torch's pipelining could not run this case, else ""
@@ -125,7 +126,7 @@ MODELS: dict[str, dict[str, tuple[str, dict[str, int], int, int]]] = {
     },
     "unet": {
         "tiny": ("unet", dict(image_size=16, base=4), 8, 4),
-        "quick": ("unet", dict(image_size=32, base=16), 16, 8),
+        "quick": ("unet", dict(image_size=32, base=8), 16, 8),
         "full": ("unet", dict(image_size=64, base=16), 32, 16),
     },
 }
