@@ -321,6 +321,8 @@ class PipelinedGraph:
         self.param_positions = tuple(i for i in inputs.attribute_positions
                                      if isinstance(example_inputs[i], nn.Parameter))
         self.params = tuple(example_inputs[i] for i in self.param_positions)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.arg_names = [re.sub(r"^L\['([^']+)'\]$", r"\1", _source_name(n)) or n.name for n in placeholders]
         self.distributed = dist.is_available() and dist.is_initialized()
         self.runner = plan.runner(timeout_s=opts.timeout_s) if self.distributed else None
         log.info("pipecc backend: %s", plan.report().splitlines()[0])
@@ -336,6 +338,11 @@ class PipelinedGraph:
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
             return self.gm(*args)  # evaluation: no gradients to pipeline, the graph runs as is
         batch = [args[i] for i in self.inputs.batch_positions]
+        for index, tensor in zip(self.inputs.batch_positions, batch):
+            if tensor.requires_grad:  # its gradient would be dropped: refuse rather than train wrong
+                raise ConfigError(f"argument {self.arg_names[index]} of the compiled step requires grad (it comes "
+                                  "out of other autograd work), but pipecc returns gradients for parameters only.\n"
+                                  "Move that work into the compiled step, or pass the argument detached.")
         loss = _Step.apply(self, len(params), *params, *batch)
         return (loss,)
 

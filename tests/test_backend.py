@@ -167,3 +167,14 @@ def test_grad_scales_with_the_incoming_gradient() -> None:
     (3.0 * loss_fn(reference(*inputs), target)).backward()
     assert_same_grads({n: p.grad for n, p in model.named_parameters()},
                       {n: p.grad for n, p in reference.named_parameters()})
+
+
+def test_argument_that_requires_grad_is_refused() -> None:
+    """Gradients flow back to parameters only: an argument needing one would silently lose it."""
+    torch._dynamo.reset()
+    model, inputs, loss_fn, target = _small_gpt()
+    scale = torch.ones(8, requires_grad=True)
+    step = torch.compile(lambda x, y, w: loss_fn(model(x), y) * w.mean(), backend="pipecc",
+                         options={"num_stages": 2, "num_microbatches": 2})
+    with pytest.raises(ConfigError, match="argument w of the compiled step requires grad"):
+        step(*inputs, target, scale)
