@@ -21,7 +21,7 @@ import torch
 from pipecc.costs import DeviceSpec, resolve_device
 from pipecc.errors import ConfigError
 from pipecc.passes.calibrate import (ComputeFit, LinkSample, StageSample, calibrated_device, fit_compute, fit_link,
-                                     ping_pong_ms, stage_samples)
+                                     ping_pong_ms, predict_ms, stage_samples)
 from pipecc.passes.capture import capture
 from pipecc.passes.profile import ProfileSettings
 
@@ -96,6 +96,16 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
     return Calibration(device, compute, tuple(samples), tuple(links))
 
 
+def format_samples(calibration: Calibration, base: DeviceSpec) -> str:
+    """Per stage run (its forward, or its fused backward): measured vs predicted, before and after the fit."""
+    lines = [f"{'stage run':34s} {'measured':>9s} {base.name:>12s} {'err':>6s} {calibration.device.name:>12s} {'err':>6s}"]
+    for s in calibration.samples:
+        before, after = predict_ms(s, base), predict_ms(s, calibration.device)
+        lines.append(f"{s.label:34s} {s.measured_ms:9.3f} {before:12.3f} {100 * (before / s.measured_ms - 1):+5.0f}% "
+                     f"{after:12.3f} {100 * (after / s.measured_ms - 1):+5.0f}%")
+    return "\n".join(lines)
+
+
 def write_device(device: DeviceSpec, path: str | Path) -> Path:
     """Write `device` as a device JSON file (what `--device` and `device=` read)."""
     path = Path(path)
@@ -117,14 +127,23 @@ class Variant:
 
 @dataclass(frozen=True)
 class StepComparison:
+    """Predicted vs measured step of one plan. The busy pair is the load-proof one: on a shared
+    machine other jobs stretch a rank's wall-clock step, but not the CPU time it spends."""
+
     variant: Variant
     predicted_ms: float
-    measured_ms: float  # median over steps of the slowest rank's step time
+    measured_ms: float  # median over steps of the slowest rank's wall-clock step time
+    predicted_busy_ms: float  # the busiest rank's compute time in the simulated step
+    measured_busy_ms: float  # median over steps of the busiest rank's CPU time in the step
 
     @property
     def error(self) -> float:
-        """(predicted - measured) / measured."""
+        """(predicted - measured) / measured, of the step time."""
         return self.predicted_ms / self.measured_ms - 1.0
+
+    @property
+    def busy_error(self) -> float:
+        return self.predicted_busy_ms / self.measured_busy_ms - 1.0
 
 
 def _compile(model_spec: str, variant: Variant, num_ranks: int):  # -> (Plan, inputs, target)
@@ -137,23 +156,24 @@ def _compile(model_spec: str, variant: Variant, num_ranks: int):  # -> (Plan, in
     return plan, inputs, target
 
 
-def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int) -> list[list[float]]:
+def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int,
+                num_ranks: int) -> list[list[tuple[float, float]]]:
     """On each rank: every variant's plan, stepped round-robin (so load spikes hit all alike);
-    per variant, the slowest rank's time of each step."""
+    per variant and step, the slowest rank's wall-clock time and the busiest rank's CPU time."""
     import torch.distributed as dist
 
     runs = [_compile(model_spec, v, num_ranks) for v in variants]
     runners = [plan.runner() for plan, _, _ in runs]
-    times: list[list[float]] = [[] for _ in variants]
+    times: list[list[tuple[float, float]]] = [[] for _ in variants]
     for step in range(num_steps + 1):
         for k, (runner, (_, inputs, target)) in enumerate(zip(runners, runs)):
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             runner.step(*inputs, target=target)
-            elapsed = torch.tensor([(time.perf_counter() - start) * 1e3])
+            elapsed = torch.tensor([(time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if step > 0:  # the first step warms up allocators and connections
-                times[k].append(float(elapsed))
+                times[k].append((float(elapsed[0]), float(elapsed[1])))
     return times
 
 
@@ -162,6 +182,8 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
     """Predicted vs measured step time of each variant, over `num_ranks` local gloo ranks."""
     from pipecc.runtime.launch import spawn_local
 
-    predicted = [_compile(model_spec, v, num_ranks)[0].simulate().step_time_ms for v in variants]
+    predicted = [_compile(model_spec, v, num_ranks)[0].simulate() for v in variants]
     times = spawn_local(_steps_rank, num_ranks, model_spec, tuple(variants), num_steps, num_ranks)[0]
-    return [StepComparison(v, p, statistics.median(t)) for v, p, t in zip(variants, predicted, times)]
+    return [StepComparison(v, p.step_time_ms, statistics.median(w for w, _ in t), max(p.busy_ms),
+                           statistics.median(c for _, c in t))
+            for v, p, t in zip(variants, predicted, times)]
