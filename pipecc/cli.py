@@ -80,11 +80,15 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], Callabl
 
 def _compile_kwargs(args: argparse.Namespace, num_stages: int, num_ranks: int | None = None) -> dict[str, object]:
     """pipecc.compile's keyword arguments from the command line (the same on every rank of `run`)."""
+    auto = getattr(args, "auto", False)  # report --auto: search what the command line leaves open
+    microbatches = args.microbatches if args.microbatches is not None else ("auto" if auto else 4)
     kwargs: dict[str, object] = dict(
-        num_stages=num_stages, num_microbatches=args.microbatches, schedule=args.schedule, device=args.device,
-        max_memory_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None)
+        num_stages="auto" if auto else num_stages, num_microbatches=microbatches, schedule=args.schedule,
+        device=args.device, max_memory_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None)
     if num_ranks is not None:
         kwargs["num_ranks"] = num_ranks
+    if args.cluster:
+        kwargs["cluster"] = args.cluster
     return kwargs
 
 
@@ -100,7 +104,8 @@ def _compile(args: argparse.Namespace, spec: str, num_stages: int, num_ranks: in
 def cmd_report(args: argparse.Namespace) -> int:
     from pipecc import render
 
-    plan, _ = _compile(args, args.model, args.stages)
+    auto_ranks = args.ranks or (None if args.cluster else args.stages)  # --auto: the ranks it may use
+    plan, _ = _compile(args, args.model, args.stages, num_ranks=auto_ranks if args.auto else None)
     timeline = plan.simulate()
     if args.format == "json":
         from pipecc.passes.codegen import plan_to_json
@@ -189,10 +194,12 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("model", metavar="MODEL",
                        help="path/to/file.py:factory or package.module:factory returning "
                             "(model, example_inputs, loss_fn, target)")
-        p.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (default 4)")
-        p.add_argument("--schedule", default="1f1b", help=_schedule_help())
+        p.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (default 4)")
+        p.add_argument("--schedule", default=None, help=_schedule_help())
         p.add_argument("--device", default="cpu", help="cpu, a100, h100, or a device JSON file (default cpu)")
         p.add_argument("--memory-limit", default=None, help="per-rank memory limit, e.g. 20GiB or 512MiB")
+        p.add_argument("--cluster", metavar="CLUSTER.json", default=None,
+                       help="per-rank speed, memory and link (pipecc.cluster.Cluster JSON); default identical ranks")
 
     report = sub.add_parser("report", help="print the partition, the predicted step per rank and its timeline",
                             description="Compile MODEL and print the per-stage table, the simulator's prediction "
@@ -206,6 +213,11 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("--trace", metavar="OUT.json", default=None,
                         help="write the predicted timeline as Chrome/Perfetto trace events (one track per rank)")
     report.add_argument("--width", type=int, default=100, help="columns of the ASCII timeline (default 100)")
+    report.add_argument("--auto", action="store_true",
+                        help="search ranks x stages per rank x micro-batches x schedule with the simulator and "
+                             "report the fastest that fits, with every candidate; --microbatches / --schedule fix them")
+    report.add_argument("--ranks", type=int, default=None,
+                        help="with --auto: the ranks available (default: the --cluster's, else --stages)")
     report.set_defaults(func=cmd_report)
 
     emit = sub.add_parser("emit", help="write the plan: plan.json, one Python module and weight shard per rank",

@@ -121,3 +121,15 @@ def test_auto_plan_runs_over_gloo_and_equals_unpartitioned() -> None:
     torch.testing.assert_close(torch.tensor(per_rank[-1][0]), expected_loss, rtol=1e-5, atol=1e-6)
     for _, grads, _ in per_rank:
         assert_same_grads(grads, expected)
+
+
+def test_cli_report_auto_prints_every_candidate(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipecc.cli import main
+
+    cluster = tmp_path / "cluster.json"  # type: ignore[operator]
+    cluster.write_text('{"ranks": [{"speed": 1.0}, {"speed": 0.5}]}')
+    assert main(["report", "examples/mlp.py:build", "--auto", "--microbatches", "4", "--schedule", "1f1b",
+                 "--cluster", str(cluster)]) == 0
+    out = capsys.readouterr().out
+    assert "1f1b, 2 ranks x 1, 4 mb" in out and "1f1b, 1 rank x 1, 4 mb" in out and "<-- chosen" in out
+    assert "gpipe" not in out.split("schedule:")[0]  # --schedule fixes the schedule
