@@ -31,7 +31,8 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 import pipecc  # noqa: E402
-from pipecc.calibration import Variant, calibrate, compare_steps, write_device  # noqa: E402
+from pipecc.calibration import (STEP_HEADER, Variant, calibrate, compare_steps, format_step_row,  # noqa: E402
+                                write_device)
 from pipecc.passes.profile import measure_stage_times  # noqa: E402
 
 MODELS = ("gpt", "bert", "mlp", "resnet", "unet")
@@ -91,8 +92,7 @@ def main() -> int:
     print(f"\npredicted / measured per step, 2 gloo ranks x 1 thread, {args.microbatches} micro-batches, median of "
           f"{args.steps} steps (error = predicted / measured - 1). 'step': wall-clock step time of the slowest rank; "
           "'busy': CPU time of the busiest rank in the step (what other jobs on a shared machine cannot stretch)")
-    print(f"{'model':8s} {'schedule':9s} {'cost model':11s} {'step pred':>9s} {'measured':>9s} {'error':>6s} "
-          f"{'busy pred':>9s} {'measured':>9s} {'error':>6s}")
+    print(STEP_HEADER)
     errors: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for name in args.models:
         plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
@@ -102,9 +102,7 @@ def main() -> int:
         for i, schedule in enumerate(args.schedules):
             row = results[i * len(variants):(i + 1) * len(variants)]  # each variant may cut the model differently
             for key, r in zip(variants, row):
-                print(f"{name:8s} {schedule:9s} {key:11s} {r.predicted_ms:9.2f} {r.measured_ms:9.2f} "
-                      f"{100 * r.error:+5.0f}% {r.predicted_busy_ms:9.2f} {r.measured_busy_ms:9.2f} "
-                      f"{100 * r.busy_error:+5.0f}%", flush=True)
+                print(format_step_row(name, key, r), flush=True)
                 errors[key].append((abs(r.error), abs(r.busy_error)))
     print("\nmean |error| per cost model (step; busy): " + ", ".join(
         f"{k} {100 * statistics.mean(e for e, _ in v):.1f}%; {100 * statistics.mean(b for _, b in v):.1f}%"

@@ -187,3 +187,14 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
     return [StepComparison(v, p.step_time_ms, statistics.median(w for w, _ in t), max(p.busy_ms),
                            statistics.median(c for _, c in t))
             for v, p, t in zip(variants, predicted, times)]
+
+
+STEP_HEADER = (f"{'model':8s} {'schedule':9s} {'cost model':11s} {'step pred':>9s} {'measured':>9s} {'error':>6s} "
+               f"{'busy pred':>9s} {'measured':>9s} {'error':>6s}")
+
+
+def format_step_row(model: str, label: str, result: StepComparison) -> str:
+    """One line of the predicted-vs-measured table (under STEP_HEADER)."""
+    return (f"{model:8s} {result.variant.schedule:9s} {label:11s} {result.predicted_ms:9.2f} {result.measured_ms:9.2f} "
+            f"{100 * result.error:+5.0f}% {result.predicted_busy_ms:9.2f} {result.measured_busy_ms:9.2f} "
+            f"{100 * result.busy_error:+5.0f}%")

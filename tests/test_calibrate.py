@@ -102,3 +102,18 @@ def test_ping_pong_over_gloo_measures_each_size() -> None:
     rank0, rank1 = run_ranks(_ping_pong, 2)
     assert [s.num_bytes for s in rank0] == [1 << 10, 1 << 18]
     assert all(s.one_way_ms > 0 for s in rank0 + rank1)
+
+
+def test_cli_calibrate_writes_a_device_json_that_report_reads(tmp_path: Path, capsys) -> None:
+    from pipecc.cli import main
+
+    out = tmp_path / "this-machine.json"
+    assert main(["calibrate", "examples/mlp.py:build", "-o", str(out), "--name", "this-machine", "--no-link"]) == 0
+    printed = capsys.readouterr().out
+    assert "mlp stage 0 F (mb 2)" in printed and "mlp stage 1 BW (mb 4)" in printed  # per stage run
+    assert f"wrote {out}: use it with --device {out}" in printed
+    fitted = resolve_device(str(out))
+    assert fitted.name == "this-machine" and fitted.link_latency_ms == CPU.link_latency_ms  # --no-link keeps it
+    assert fitted.peak_flops != CPU.peak_flops
+    assert main(["report", "examples/mlp.py:build", "--device", str(out)]) == 0
+    assert "device this-machine" in capsys.readouterr().out

@@ -115,3 +115,11 @@ def test_sequence_length_formulas_equal_fresh_compiles() -> None:
     assert formulas.at(3) == annotate_costs(captured(3, 8), CPU)  # T defaults to the traced length
     with pytest.raises(ConfigError, match=r"sequence_length given, but the formulas keep the sequence length fixed"):
         symbolic_costs(captured(3, 8), CPU).at(3, 16)
+
+
+def test_cli_report_prints_the_formulas(capsys) -> None:
+    from pipecc.cli import main
+
+    assert main(["report", "examples/mlp.py:build", "--formulas"]) == 0
+    out = capsys.readouterr().out
+    assert "cost formulas per micro-batch of size b (ms, bytes):" in out and "memory B  = " in out
