@@ -89,6 +89,8 @@ def _compile_kwargs(args: argparse.Namespace, num_stages: int, num_ranks: int | 
         kwargs["num_ranks"] = num_ranks
     if args.cluster:
         kwargs["cluster"] = args.cluster
+    if getattr(args, "formulas", False):
+        kwargs["symbolic_sizes"] = True
     return kwargs
 
 
@@ -112,7 +114,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         print(json.dumps({**plan_to_json(plan), "prediction": prediction_json(timeline)}, indent=2, sort_keys=True))
     else:
-        print(plan.report())
+        print(plan.report(formulas=args.formulas))
         print(f"\npredicted per rank:\n{render.format_prediction(timeline)}")
         print(f"\n{render.format_timeline(timeline, width=args.width)}")
     for path, write in ((args.plot, render.plot_timeline), (args.trace, render.write_trace)):
@@ -213,6 +215,8 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("--trace", metavar="OUT.json", default=None,
                         help="write the predicted timeline as Chrome/Perfetto trace events (one track per rank)")
     report.add_argument("--width", type=int, default=100, help="columns of the ASCII timeline (default 100)")
+    report.add_argument("--formulas", action="store_true",
+                        help="also print each stage's time and memory as formulas in the micro-batch size b")
     report.add_argument("--auto", action="store_true",
                         help="search ranks x stages per rank x micro-batches x schedule with the simulator and "
                              "report the fastest that fits, with every candidate; --microbatches / --schedule fix them")
@@ -237,7 +241,47 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     run.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     run.set_defaults(func=cmd_run)
+
+    calibrate = sub.add_parser("calibrate", help="fit a device spec to this machine and write it as a device JSON",
+                               description="Time the stages of each MODEL on this machine (one intra-op thread, as "
+                                           "each gloo rank runs) and the link between two local gloo ranks, fit "
+                                           "peak FLOP/s, memory bandwidth, per-op overhead, link latency and "
+                                           "bandwidth, print predicted against measured per stage run, and write "
+                                           "the fitted spec to -o, for --device / device=.")
+    calibrate.add_argument("models", nargs="+", metavar="MODEL", help="one or more model factories to time")
+    calibrate.add_argument("-o", "--output", metavar="DEVICE.json", required=True, help="where to write the spec")
+    calibrate.add_argument("--base", default="cpu", help="spec whose memory capacity (and link, with --no-link) "
+                                                         "is kept: cpu, a100, h100 or a JSON (default cpu)")
+    calibrate.add_argument("--name", default="calibrated", help="name of the fitted spec (default calibrated)")
+    calibrate.add_argument("--no-link", action="store_true", help="keep the base spec's link; skip the ping-pong")
+    calibrate.add_argument("--compare", action="store_true",
+                           help="then run each MODEL on 2 local gloo ranks and print predicted against measured "
+                                "step time, with the base spec and with the fitted one")
+    calibrate.add_argument("--schedule", default="1f1b", help="schedule for --compare (default 1f1b)")
+    calibrate.add_argument("--microbatches", type=int, default=4, help="micro-batches for --compare (default 4)")
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pipecc import calibration
+    from pipecc.costs import resolve_device
+
+    torch.set_num_threads(1)  # as each gloo rank of `pipecc run` computes
+    base = resolve_device(args.base)
+    result = calibration.calibrate(args.models, base=base, name=args.name, measure_links=not args.no_link)
+    path = calibration.write_device(result.device, args.output)
+    print(calibration.format_samples(result, base))
+    print(f"\n{result.summary()}\nwrote {path}: use it with --device {path}")
+    if args.compare:
+        variants = {base.name: calibration.Variant(args.schedule, args.base, num_microbatches=args.microbatches),
+                    args.name: calibration.Variant(args.schedule, str(path), num_microbatches=args.microbatches)}
+        print("\npredicted / measured per step on 2 gloo ranks ('busy': CPU time of the busiest rank):")
+        print(calibration.STEP_HEADER)
+        for spec in args.models:
+            for label, result_ in zip(variants, calibration.compare_steps(spec, list(variants.values()))):
+                print(calibration.format_step_row(Path(spec.rpartition(":")[0]).stem, label, result_), flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
