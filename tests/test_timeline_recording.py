@@ -14,7 +14,7 @@ from pipecc.ir import Schedule
 from pipecc.passes.insert_comm import insert_comm
 from pipecc.passes.simulate import TimedAction
 from pipecc.plan import Plan
-from pipecc.testing import reference_step, run_ranks
+from pipecc.testing import assert_same_grads, reference_step, run_ranks
 from models import build
 
 
@@ -48,7 +48,7 @@ def test_measure_local_times_every_action(schedule: str) -> None:
     assert all(a.end_ms <= b.start_ms for a, b in zip(ordered, ordered[1:]))
 
 
-def _dist_timeline(schedule: str) -> tuple[tuple[TimedAction, ...], str]:
+def _dist_timeline(schedule: str) -> tuple[tuple[TimedAction, ...], str, dict[str, torch.Tensor]]:
     plan = _plan(schedule)
     _, inputs, _, target = build("gpt")
     quiet = plan.runner(timeout_s=120)
@@ -59,15 +59,24 @@ def _dist_timeline(schedule: str) -> tuple[tuple[TimedAction, ...], str]:
     except pipecc.ConfigError as err:
         refused = str(err)
     runner = plan.runner(timeout_s=120, record_timeline=True)
+    for param in runner.parameters():
+        param.grad = None
     runner.step(*inputs, target=target)
-    return runner.gather_events(), refused
+    return runner.gather_events(), refused, {n: p.grad.clone() for n, p in runner.named_parameters()}
 
 
 @pytest.mark.dist
 def test_gloo_events_cover_every_rank() -> None:
     """Every rank gets the same events: every action of every rank, ordered; a runner made
-    without record_timeline=True has none to give and says how to get them."""
+    without record_timeline=True has none to give and says how to get them. The recorded step is
+    an ordinary one: its gradients (zb-h1's graph-split B and W, the tied embedding summed across
+    the two ranks) equal the unpartitioned model's."""
     per_rank = run_ranks(_dist_timeline, 2, "zb-h1")
+    _, expected = reference_step(*build("gpt"), 4)
+    for result in per_rank:
+        assert_same_grads(result[2], expected)
+    assert set(per_rank[0][2]) | set(per_rank[1][2]) == set(expected)
+    assert all(s.backward_split is not None for s in _plan("zb-h1").stages)
     events = per_rank[0][0]
     assert all(result[0] == events for result in per_rank)
     assert_covers_schedule(events, _plan("zb-h1").schedule)

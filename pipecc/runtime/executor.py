@@ -252,6 +252,7 @@ class GraphStageRunner:
             i for i, inp in enumerate(stage.inputs) if inp.kind is InputKind.ACTIVATION)}
         self.grad_slots = [activation_index[i] for i in self.split.grad_input_positions]
         self.num_activations = len(activation_index)
+        self.device = param_device([stage.graph])
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.saved: dict[int, tuple[torch.Tensor, ...]] = {}  # F -> B
         self.held: dict[int, tuple[torch.Tensor, ...]] = {}  # B -> W
@@ -260,9 +261,11 @@ class GraphStageRunner:
         with torch.no_grad():
             results = self.split.forward(*self.weights, *args)
         num_outputs = len(self.stage.outputs)
-        self.outputs[mb] = tuple(results[:num_outputs])
+        outputs = tuple(results[:num_outputs])
+        # B needs the loss (for its gradient's dtype and shape), not the activations F sent on
+        self.outputs[mb] = outputs if self.is_last else ()
         self.saved[mb] = tuple(results[num_outputs:])
-        return self.outputs[mb]
+        return outputs
 
     def backward(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]:
         """BW: B then W at once (bitwise the fused backward)."""
@@ -273,7 +276,7 @@ class GraphStageRunner:
     def backward_input(self, mb: int, output_grads: OutputGrads) -> list[torch.Tensor | None]:
         outputs = self.outputs.pop(mb)
         grads = _with_output_grads(self.stage, outputs, output_grads, self.is_last, self.num_microbatches)
-        tangents = [grads[i] if grads[i] is not None else torch.zeros_like(outputs[i])
+        tangents = [grads[i] if grads[i] is not None else zero_grad_like(self.stage.outputs[i].spec, self.device)
                     for i in self.split.tangent_positions]
         with torch.no_grad():
             results = self.split.backward_input(*self.weights, *self.saved.pop(mb), *tangents)
