@@ -56,6 +56,21 @@ def test_a_rank_twice_as_slow_gets_about_half_the_work(slow_rank: int) -> None:
     assert_same_step(model, inputs, loss_fn, target, plan)
 
 
+def test_v_schedule_on_unequal_ranks_balances_ranks_and_sends_nothing_within_a_rank() -> None:
+    """zbv puts stages (0, 1, 1, 0) on ranks: stages 1 and 2 share rank 1, so nothing crosses between them."""
+    cluster = Cluster.of([1.0, 0.5])
+    model, inputs, loss_fn, target = mlp.build(**MLP_SIZES)
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=4, num_microbatches=4,
+                          schedule="zbv", cluster=cluster)
+    assert [s.rank for s in plan.stages] == [0, 1, 1, 0]
+    assert plan.stages[1].cost.send_forward_ms == 0 and plan.stages[2].cost.send_backward_ms == 0
+    assert plan.stages[0].cost.send_forward_ms > 0
+    work = _work_ms(plan, cluster)
+    print(f"\nzbv on speeds (1, 0.5): work ms per rank {work}, slow/fast {work[1] / work[0]:.3f}")
+    assert 0.35 <= work[1] / work[0] <= 0.65
+    assert_same_step(model, inputs, loss_fn, target, plan)
+
+
 def test_slow_rank_predicted_step_is_faster_than_an_even_split() -> None:
     """The simulator agrees: the time-balanced plan beats splitting the layers evenly on these ranks."""
     cluster = Cluster.of([1.0, 0.5])
