@@ -67,17 +67,6 @@ def test_what_if_predicts_a_larger_microbatch_without_tracing_again() -> None:
     assert doubled.step_time_ms > plan.simulate().step_time_ms
 
 
-def test_report_prints_the_formulas() -> None:
-    plan = _compile("mlp", 2, symbolic_sizes=True)
-    text = plan.report(formulas=True)
-    assert "cost formulas per micro-batch of size b" in text
-    stage0 = text[text.index("stage 0:"):]
-    assert "F ms      = " in stage0 and "memory B  = " in stage0
-    memory = stage0.split("memory B  = ")[1].splitlines()[0]
-    assert sympy.sympify(memory).free_symbols == {sympy.Symbol("b")}
-    assert "cost formulas" not in plan.report()
-
-
 def test_without_formulas_what_if_is_a_config_error() -> None:
     plan = _compile("mlp", 2)
     with pytest.raises(ConfigError, match=r"keeps no cost formulas\.\nCompile with symbolic_sizes=True"):
@@ -117,9 +106,15 @@ def test_sequence_length_formulas_equal_fresh_compiles() -> None:
         symbolic_costs(captured(3, 8), CPU).at(3, 16)
 
 
-def test_cli_report_prints_the_formulas(capsys) -> None:
+def test_report_prints_the_formulas(capsys) -> None:
     from pipecc.cli import main
 
-    assert main(["report", "examples/mlp.py:build", "--formulas"]) == 0
+    assert main(["report", "examples/mlp.py:build", "--formulas"]) == 0  # plan.report(formulas=True)
     out = capsys.readouterr().out
-    assert "cost formulas per micro-batch of size b (ms, bytes):" in out and "memory B  = " in out
+    assert "cost formulas per micro-batch of size b (ms, bytes):" in out
+    stage0 = out[out.index("stage 0:"):]
+    assert "F ms      = " in stage0 and "memory B  = " in stage0
+    memory = stage0.split("memory B  = ")[1].splitlines()[0]
+    assert sympy.sympify(memory).free_symbols == {sympy.Symbol("b")}
+    assert main(["report", "examples/mlp.py:build"]) == 0
+    assert "cost formulas" not in capsys.readouterr().out
