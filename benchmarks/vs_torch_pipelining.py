@@ -369,6 +369,9 @@ class PipeccSystem:
                  loss_fn: Callable[..., torch.Tensor], target: torch.Tensor, settings: Settings) -> None:
         self.plan = compile_case(case, model, inputs, loss_fn, target, settings)
         self.runner = self.plan.runner()
+        # Stages whose backward pipecc split into F/B/W graphs keep their saved values as plain
+        # tensors between graphs, outside autograd: saved-tensor hooks cannot see them.
+        self.hooks_see_saved = all(getattr(s, "backward_split", None) is None for s in self.plan.stages)
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.runner.parameters())
@@ -492,7 +495,8 @@ def bench_rank(case: Case, settings: Settings) -> dict[str, object]:
         check_system(system, inputs, target, expected_loss, expected)
     baselines = [SingleRank(case.build()[0], loss_fn, 1), SingleRank(case.build()[0], loss_fn, 2)]
 
-    saved = {s.name: _saved_peak_bytes(s, inputs, target) for s in systems}
+    saved = {s.name: _saved_peak_bytes(s, inputs, target) if getattr(s, "hooks_see_saved", True) else -1
+             for s in systems}
     if rank == 0:
         saved.update({b.name: _saved_peak_bytes(b, inputs, target) for b in baselines})
     dist.barrier()
@@ -611,6 +615,8 @@ def format_results(results: Sequence[Result]) -> str:
         stages = "; ".join(f"{name} " + " ".join(f"{ms:.1f}" for ms in times) for name, times in r.stage_ms.items())
         cpu = "; ".join(f"{name} " + "/".join(f"{1e3 * sec:.0f}" for sec in per_rank)
                         for name, per_rank in r.cpu_step_s.items())
+        if "torch" in r.cpu_step_s:  # the busiest rank bounds the step when no rank is descheduled
+            cpu += f" (busiest-rank ratio torch/pipecc {max(r.cpu_step_s['torch']) / max(r.cpu_step_s['pipecc']):.2f})"
         # The whole batch in one go vs the same work cut into m micro-batches: smaller matmuls run
         # slower on a CPU, which caps any pipeline's speedup below the rank count.
         micro_ms = r.case.num_microbatches * sum(r.stage_ms["pipecc"])
@@ -625,6 +631,9 @@ def format_results(results: Sequence[Result]) -> str:
 
 
 def _mib(per_rank: Sequence[int]) -> str:
+    """Bytes per rank in MiB; -1 (not measurable by saved-tensor hooks) prints as n/a."""
+    if any(b < 0 for b in per_rank):
+        return "n/a"
     return "/".join(f"{b / 2**20:.1f}" for b in per_rank) + " MiB"
 
 
