@@ -43,14 +43,23 @@ class DistTransport:
             * self.per_message + index
 
     def send(self, message: Message, tensors: list[torch.Tensor], dst_rank: int) -> None:
+        what = "activations" if message.direction == "F" else "gradients"
         for i, tensor in enumerate(tensors):
             tensor = tensor.contiguous()
-            self.pending.append((dist.isend(tensor, dst_rank, tag=self._tag(message, i)), tensor))
+            try:
+                self.pending.append((dist.isend(tensor, dst_rank, tag=self._tag(message, i)), tensor))
+            except RuntimeError as err:  # gloo fails the post at once when the link is already down
+                raise _lost(err, f"sending {what} of stage {message.stage} for micro-batch {message.microbatch} "
+                                 f"to rank {dst_rank}") from None
 
     def recv(self, message: Message, specs: Sequence[TensorSpec], src_rank: int) -> list[torch.Tensor]:
         buffers = [torch.empty(s.shape, dtype=s.torch_dtype, device=self.device) for s in specs]
-        works = [dist.irecv(b, src_rank, tag=self._tag(message, i)) for i, b in enumerate(buffers)]
         what = "activations" if message.direction == "F" else "gradients"
+        try:
+            works = [dist.irecv(b, src_rank, tag=self._tag(message, i)) for i, b in enumerate(buffers)]
+        except RuntimeError as err:
+            raise _lost(err, f"receiving {what} of stage {message.stage} for micro-batch {message.microbatch} "
+                             f"from rank {src_rank}") from None
         for work in works:
             _wait(work, self.timeout, f"{what} of stage {message.stage} for micro-batch {message.microbatch} "
                                       f"from rank {src_rank}")
@@ -62,17 +71,29 @@ class DistTransport:
         self.pending.clear()
 
 
+def connection_lost(text: str) -> bool:
+    """Whether an error message is gloo's (or a socket's) word for a link whose other end went away."""
+    return any(s in text for s in ("closed by peer", "reset by peer", "Broken pipe", "Connection refused"))
+
+
+def _connection_lost(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and connection_lost(str(err))
+
+
+def _lost(err: RuntimeError, doing: str) -> PeerLostError:
+    """The PeerLostError for a torch.distributed call that failed while `doing` something."""
+    reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+    if _connection_lost(err):
+        reason = "a rank closed its connection (it died, was killed, or exited after an error)"
+    return PeerLostError(f"rank {dist.get_rank()} gave up {doing}: {reason}.\n"
+                         "The peer rank probably failed or was killed; look at its error first.")
+
+
 def _wait(work: dist.Work, timeout: datetime.timedelta, what: str) -> None:
     try:
         ok = work.wait(timeout)
     except RuntimeError as err:
-        reason = str(err).splitlines()[0]
-        if "closed by peer" in reason or "reset by peer" in reason or "Broken pipe" in reason:
-            reason = "a rank closed its connection (it died, was killed, or exited after an error)"
-        raise PeerLostError(
-            f"rank {dist.get_rank()} gave up waiting for {what}: {reason}.\n"
-            "The peer rank probably failed or was killed; look at its error first."
-        ) from None
+        raise _lost(err, f"waiting for {what}") from None
     if ok is False:
         raise PeerLostError(
             f"rank {dist.get_rank()} waited {timeout.total_seconds():.0f} s for {what}.\n"
@@ -119,30 +140,42 @@ class FailureBoard:
                 log.warning("cannot post the failure report of rank %d: %s", report.rank, err)
 
     def collect(self) -> dict[int, FailureReport] | None:
-        """The reports posted within grace_s (sooner once one names a cause); None if the store is gone."""
+        """The reports posted within grace_s (sooner once one names a cause); None if the store is gone.
+
+        Then it waits (within the same grace_s) until every rank that posted a waiting report has
+        read too: the store lives in one rank's process, which must not exit while others read."""
         if self.store is None:
             return None
         deadline = time.monotonic() + self.grace_s
-        while True:
-            reports = {}
-            try:
-                for rank in range(self.num_ranks):
-                    key = f"{self.prefix}/rank{rank}"
-                    if self.store.check([key]):
-                        reports[rank] = FailureReport(**json.loads(self.store.get(key)))
-            except RuntimeError:
-                return None
-            if len(reports) == self.num_ranks or any(not r.waiting for r in reports.values()) \
-                    or time.monotonic() >= deadline:
-                return reports
-            time.sleep(0.05)
+        try:
+            while True:
+                reports = self._reports()
+                if len(reports) == self.num_ranks or any(not r.waiting for r in reports.values()) \
+                        or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            read = self.store.add(f"{self.prefix}/read", 1)
+            while read < sum(r.waiting for r in self._reports().values()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                read = self.store.add(f"{self.prefix}/read", 0)
+        except RuntimeError:  # the store's host is gone
+            return None
+        return reports
+
+    def _reports(self) -> dict[int, FailureReport]:
+        reports = {}
+        for rank in range(self.num_ranks):
+            key = f"{self.prefix}/rank{rank}"
+            if self.store.check([key]):
+                reports[rank] = FailureReport(**json.loads(self.store.get(key)))
+        return reports
 
 
 def failure_summary(own: FailureReport, reports: dict[int, FailureReport] | None, schedule: Schedule) -> str:
     """Line one of a waiting rank's error: the rank and stage that failed first, as far as the reports tell."""
     if reports is None:
         return f"{own.describe()}; the other ranks' reports are unreadable (the rendezvous store is gone, " \
-               "so the rank hosting it, usually rank 0, probably died)."
+               "so the rank hosting it, usually rank 0, probably died)"
     causes = sorted((r for r in reports.values() if not r.waiting), key=lambda r: r.rank)
     if causes:
         return causes[0].describe()
@@ -251,15 +284,16 @@ class DistRunner:
         lines = str(err).strip().splitlines()
         own = FailureReport(self.rank, str(action) if action else "", action.stage if action else -1,
                             action.microbatch if action else -1,
-                            f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": "),
-                            waiting=isinstance(err, PeerLostError))
+                            f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ."),
+                            waiting=isinstance(err, PeerLostError) or _connection_lost(err))
         board = FailureBoard(f"{self._failure_prefix}/step{self._num_steps}", self.schedule.num_ranks,
                              grace_s=min(3.0, self.timeout_s))
         board.post(own)
         if not own.waiting:
             err.add_note(f"(pipecc: {own.describe()})")
             return err
-        where = f"at action {action} (stage {action.stage}, micro-batch {action.microbatch})" if action else ""
+        where = f"at action {action} (stage {action.stage}, micro-batch {action.microbatch})" if action \
+            else "before its first action"
         stopped = PeerLostError(
             f"rank {self.rank} stopped {where}: {failure_summary(own, board.collect(), self.schedule)}.\n"
             "Fix that rank's error (see its log); this rank only waited for it."
