@@ -129,6 +129,62 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
     return Timeline(tuple(events), max(clock), tuple(busy), _peak_memory(schedule, events, costs))
 
 
+def measured_timeline(schedule: Schedule, events: Sequence[TimedAction], costs: Sequence[StageCost]) -> Timeline:
+    """The Timeline of a measured step (the runtime's recorded events), in the simulator's terms so
+    the two can be printed side by side: times from the earliest start, busy = compute actions,
+    peak memory from the same accounting as the prediction, on the measured order.
+
+    >>> from pipecc.passes.schedules.gpipe import gpipe
+    >>> unit = StageCost(1, 0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0.0, 0, 0, 0, 0.0)
+    >>> predicted = simulate(gpipe(2, 1), [unit, unit])
+    >>> shifted = [TimedAction(e.rank, e.action, e.start_ms + 5, e.end_ms + 5) for e in predicted.events]
+    >>> measured_timeline(gpipe(2, 1), shifted, [unit, unit]) == predicted
+    True
+    """
+    origin = min((e.start_ms for e in events), default=0.0)
+    shifted = tuple(TimedAction(e.rank, e.action, e.start_ms - origin, e.end_ms - origin) for e in events)
+    busy = [0.0] * schedule.num_ranks
+    for e in shifted:
+        if e.action.kind.is_compute:
+            busy[e.rank] += e.end_ms - e.start_ms
+    step = max((e.end_ms for e in shifted), default=0.0)
+    return Timeline(shifted, step, tuple(busy), _peak_memory(schedule, shifted, costs))
+
+
+def format_predicted_vs_measured(predicted: Timeline, measured: Timeline) -> str:
+    """Per rank and for the step: predicted beside measured time, busy time, bubble and peak memory,
+    with measured/predicted ratios (the gap the cost model leaves).
+
+    >>> from pipecc.passes.schedules.gpipe import gpipe
+    >>> unit = StageCost(1, 0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0.0, 0, 0, 0, 0.0)
+    >>> t = simulate(gpipe(2, 2), [unit, unit])
+    >>> print(format_predicted_vs_measured(t, t))
+    rank  busy ms pred  busy ms meas  ratio  bubble pred  bubble meas
+    0            6.000         6.000  1.000        33.3%        33.3%
+    1            6.000         6.000  1.000        33.3%        33.3%
+    step time: predicted 9.000 ms, measured 9.000 ms, ratio 1.000
+    """
+    rows = [("rank", "busy ms pred", "busy ms meas", "ratio", "bubble pred", "bubble meas")]
+    for rank, (bp, bm) in enumerate(zip(predicted.busy_ms, measured.busy_ms)):
+        rows.append((str(rank), f"{bp:.3f}", f"{bm:.3f}", _ratio(bm, bp),
+                     _share(predicted.idle_ms[rank], predicted.step_time_ms),
+                     _share(measured.idle_ms[rank], measured.step_time_ms)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.append(f"step time: predicted {predicted.step_time_ms:.3f} ms, measured {measured.step_time_ms:.3f} ms, "
+                 f"ratio {_ratio(measured.step_time_ms, predicted.step_time_ms)}")
+    return "\n".join(lines)
+
+
+def _ratio(measured: float, predicted: float) -> str:
+    return f"{measured / predicted:.3f}" if predicted > 0 else "-"
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole > 0 else "-"
+
+
 def _peak_memory(schedule: Schedule, events: Sequence[TimedAction], costs: Sequence[StageCost]) -> tuple[int, ...]:
     peaks = []
     for rank in range(schedule.num_ranks):

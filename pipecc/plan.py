@@ -75,6 +75,14 @@ class Plan:
 
         return simulate(self.schedule, [s.cost for s in self.stages])
 
+    def compare(self, events: Sequence["TimedAction"]) -> str:  # noqa: F821
+        """The predicted step beside a measured one (events from measure_local or runner.gather_events()):
+        per rank busy time and bubble, and the step time, with measured/predicted ratios."""
+        from pipecc.passes.simulate import format_predicted_vs_measured, measured_timeline
+
+        measured = measured_timeline(self.schedule, events, [s.cost for s in self.stages])
+        return "predicted vs measured:\n" + format_predicted_vs_measured(self.simulate(), measured)
+
     def what_if(self, microbatch_size: int, sequence_length: int | None = None) -> "Timeline":  # noqa: F821
         """The predicted timeline of one step with micro-batches of `microbatch_size` (and sequences
         of `sequence_length`, compiled with symbolic_sequence_dim), the same partition and schedule,

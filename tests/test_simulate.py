@@ -161,3 +161,25 @@ def test_never_faster_than_the_critical_path(name: str, p: int, m: int, data: st
     assert len(computed) == len(set(computed)) == sum(len(a) for a in schedule.rank_actions)
     assert all(e.end_ms >= e.start_ms for e in timeline.events)
     assert ActionKind.F in {e.action.kind for e in timeline.events}
+
+
+def test_prediction_beside_a_measured_step() -> None:
+    import pipecc
+    from examples import gpt
+
+    model, inputs, loss_fn, target = gpt.build(batch_size=8, seed=0)
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2,
+                          num_microbatches=2, schedule="zb-h1")
+    _, events = plan.measure_local(*inputs, target=target)
+    from pipecc.passes.simulate import measured_timeline
+
+    measured = measured_timeline(plan.schedule, events, [s.cost for s in plan.stages])
+    computed = [e.action for e in measured.events if e.action.kind.is_compute]
+    assert len(computed) == len(set(computed)) and set(computed) == {a for r in plan.schedule.rank_actions for a in r}
+    assert min(e.start_ms for e in measured.events) == 0.0 and all(b > 0 for b in measured.busy_ms)
+    assert measured.peak_memory_bytes == plan.simulate().peak_memory_bytes  # same order, same accounting
+    text = plan.compare(events)
+    lines = text.splitlines()
+    assert lines[0] == "predicted vs measured:" and lines[1].split() == "rank busy ms pred busy ms meas ratio bubble pred bubble meas".split()
+    assert [line.split()[0] for line in lines[2:4]] == ["0", "1"]
+    assert lines[4].startswith(f"step time: predicted {plan.simulate().step_time_ms:.3f} ms, measured ")
