@@ -90,16 +90,20 @@ def stage_times_ms(stages: Sequence[StageFn], *, repeats: int) -> list[float]:
 
     The stages run as a chain (stage s receives stage s-1's outputs, detached, as leaves that
     need gradients where they are floating point), and each backward starts from gradients of
-    ones, so every stage does exactly the work it does inside the pipeline, without waiting."""
+    ones, so every stage does exactly the work it does inside the pipeline, without waiting.
+
+    With one intra-op thread the clock is this process's CPU time: other processes sharing the
+    cores then hardly move the samples (wall time would count the time this one waits for a core)."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     received: list[torch.Tensor] = []
     samples: list[list[float]] = [[] for _ in stages]
     for s, stage in enumerate(stages):
         for _ in range(repeats + 1):  # the first run warms up caches and allocator
             leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in received]
-            start = time.perf_counter()
+            start = clock()
             outputs = [o for o in stage(leaves) if isinstance(o, torch.Tensor) and o.requires_grad]
             torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
-            samples[s].append((time.perf_counter() - start) * 1e3)
+            samples[s].append((clock() - start) * 1e3)
         received = [o.detach() for o in stage([t.detach() for t in received])]
     return [statistics.median(times[1:]) for times in samples]
 
