@@ -163,7 +163,8 @@ def compile_auto(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
                           f"{f' within max_memory_bytes={limit}' if limit else ''}; "
                           + "; ".join(f"{c.name}: {c.note}" for c in candidates) + ".\n"
                           "Raise max_memory_bytes, use more ranks, or more micro-batches.")
-    best = min(fitting, key=lambda c: c.step_time_ms or 0.0)  # min keeps the first of equals: registry order
+    # equal predicted steps (to 1 ns): the one with less peak memory, then registry order (min keeps the first)
+    best = min(fitting, key=lambda c: (round(c.step_time_ms or 0.0, 6), max(c.peak_memory_bytes)))
     why = (f"fastest predicted step of the {len(fitting)} schedules that fit"
            + (f" in {limit} bytes per rank" if limit is not None else " (no memory limit)"))
     chosen = build(best.name, costs_only=False)
