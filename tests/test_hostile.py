@@ -306,8 +306,8 @@ CASES: dict[str, Case] = {
         lambda: _compile(num_stages=6, max_memory_bytes=1000), PartitionError,
         r"no partition into 6 stages fits max_memory_bytes=1000 .*; the smallest feasible limit is \d+ bytes.*\n"
         r"Raise max_memory_bytes"),
-    "schedule=None": Case(
-        lambda: _compile(schedule=None), ConfigError, r"unknown schedule None; pipecc knows .*gpipe.*\nPass one of"),
+    "schedule given as a number": Case(
+        lambda: _compile(schedule=1), ConfigError, r"unknown schedule 1; pipecc knows .*gpipe.*\nPass one of"),
     "schedule name in the wrong case": Case(
         lambda: _compile(schedule="1F1B"), ConfigError, r"unknown schedule '1F1B'; pipecc knows .*1f1b"),
     # --- runtime inputs
