@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 import pipecc
 from examples import mlp
-from pipecc.errors import PeerLostError, PipeccError
+from pipecc.errors import PeerLostError
 from pipecc.runtime.launch import RankFailure, _rank_main, free_port, rendezvous_store
 
 pytestmark = pytest.mark.dist

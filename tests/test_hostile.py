@@ -22,8 +22,8 @@ from torch import nn
 
 import pipecc
 from examples import mlp
-from pipecc import CaptureError, ConfigError, PartitionError, PipelineRuntimeError, PlanFileError
-from pipecc.errors import PeerLostError, PipeccError
+from pipecc import CaptureError, ConfigError, PartitionError, PlanFileError
+from pipecc.errors import PipeccError
 from pipecc.testing import assert_same_step, run_ranks
 
 # 2 hidden layers: 6 compute nodes (layers_0, act, layers_1, act_1, head, mse_loss).
