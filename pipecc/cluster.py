@@ -121,6 +121,10 @@ class Cluster:
         try:
             ranks = []
             for r, item in enumerate(data["ranks"]):  # type: ignore[union-attr]
+                unknown = sorted(set(item) - {"name", "speed", "memory_capacity_bytes", "link"})
+                if unknown:
+                    raise ConfigError(f"cluster rank {r} has unknown fields {unknown}.\n"
+                                      "A rank has name, speed, memory_capacity_bytes and link.")
                 link = item.get("link")
                 ranks.append(RankSpec(speed=item.get("speed", 1.0), memory_capacity_bytes=item.get("memory_capacity_bytes"),
                                       link=None if link is None else LinkSpec(**link), name=item.get("name", f"rank{r}")))

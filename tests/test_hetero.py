@@ -124,8 +124,10 @@ def test_cluster_json_round_trip_and_bad_clusters(tmp_path: object) -> None:
     assert Cluster.load(path) == cluster
     with pytest.raises(ConfigError, match=r"speed=0; it must be a positive number"):
         RankSpec(speed=0)
-    with pytest.raises(ConfigError, match=r"cannot read the cluster description"):
+    with pytest.raises(ConfigError, match=r"cluster rank 0 has unknown fields \['bogus'\]"):
         Cluster.from_json({"ranks": [{"speed": 1.0, "bogus": 1}]})
+    with pytest.raises(ConfigError, match=r"cannot read the cluster description"):
+        Cluster.from_json({"nodes": []})
     with pytest.raises(ConfigError, match=r"cluster describes 3 ranks but the schedule places its 2 stages on 2"):
         _compile(mlp, Cluster.of([1.0, 1.0, 1.0]), num_layers=4)
 
