@@ -159,3 +159,12 @@ def test_coarsen_merges_groups_and_keeps_boundary_traffic() -> None:
     assert traffic.forward_bytes.tolist() == [0, 12, 0] and traffic.grad_bytes.tolist() == [0, 8, 0]
     assert traffic.forward_messages.tolist() == [0, 2, 0] and traffic.grad_messages.tolist() == [0, 1, 0]
     assert merged.fine_cuts([1]) == [2]
+
+
+@pytest.mark.parametrize("name", ["pipecc.passes.coarsen", "pipecc.passes.partition", "pipecc.cluster"])
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0
