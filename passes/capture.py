@@ -152,7 +152,8 @@ def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...
     tracer.record_stack_traces = True  # errors and refusals name the user's source line
     unused = _unsupplied_arguments(model, len(inputs))
     before = {name: b.detach().clone() for name, b in model.named_buffers()}
-    graph = tracer.trace(model, concrete_args=unused or None)
+    with _refusing_grad_mode_switches(model):
+        graph = tracer.trace(model, concrete_args=unused or None)
     _check_buffers_unchanged(model, before)
     _drop_specialised_placeholders(graph, unused)
     output = next(n for n in graph.nodes if n.op == "output")
@@ -174,6 +175,34 @@ def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return gm
+
+
+@contextlib.contextmanager
+def _refusing_grad_mode_switches(model: nn.Module) -> Iterator[None]:
+    """ConfigError if the forward turns gradients off (or on) while fx traces it: fx records no
+    grad mode, so a `with torch.no_grad():` block would silently get gradients that eager
+    PyTorch never computes. torch.no_grad, enable_grad and set_grad_enabled all end in
+    torch._C._set_grad_enabled, looked up at call time."""
+    original = torch._C._set_grad_enabled
+
+    def refuse(mode: bool) -> None:
+        if bool(mode) != torch.is_grad_enabled():
+            torch_dir = os.path.dirname(torch.__file__)
+            user = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(torch_dir)]
+            site = f" at {os.path.basename(user[-1].filename)}:{user[-1].lineno} in {user[-1].name}: " \
+                   f"{(user[-1].line or '').strip()}" if user else ""
+            raise ConfigError(
+                f"{type(model).__name__}.forward switches gradients {'on' if mode else 'off'}{site}; "
+                "the traced graph would keep no grad mode and compute gradients eager PyTorch does not.\n"
+                "Replace the torch.no_grad() block by .detach() on the values it produces (the same "
+                "gradients, and traceable), or move it out of the model.")
+        original(mode)
+
+    torch._C._set_grad_enabled = refuse
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled = original
 
 
 def _check_buffers_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:

@@ -88,6 +88,13 @@ class WritesIntoAViewOfItsInput(_Linear):
         return self.fc(x)
 
 
+class NoGradInForward(_Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.fc(x)
+        return h * self.fc.weight.sum()
+
+
 class CountsCalls(_Linear):
     def __init__(self) -> None:
         super().__init__()
@@ -233,6 +240,10 @@ CASES: dict[str, Case] = {
         ConfigError,
         r"1 \(BatchNorm1d\) has momentum=None: its running stats are a cumulative average .*\n"
         r"Give it a momentum \(e\.g\. BatchNorm1d\(\.\.\., momentum=0\.1\)\), or put it in eval mode"),
+    "torch.no_grad() block in forward": Case(
+        lambda: _compile(NoGradInForward()), ConfigError,
+        r"NoGradInForward\.forward switches gradients off at test_hostile\.py:\d+ in forward: "
+        r"with torch\.no_grad\(\):.*\nReplace the torch\.no_grad\(\) block by \.detach\(\)"),
     "forward writes into its own buffer": Case(
         lambda: _compile(CountsCalls()), ConfigError,
         r"CountsCalls\.forward writes into its buffer calls in place \(seen while tracing\)\.\n"
