@@ -42,14 +42,14 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, loss_fn
     `plan.report(formulas=True)` prints them. `symbolic_sequence_dim=1` (for (batch, tokens) inputs)
     makes the sequence length a symbol T too: `plan.what_if(b, sequence_length=2 * T)`.
 
+    `cluster` (a Cluster or its JSON file) gives each rank's speed relative to `device`, its
+    memory and its link: stages are then balanced on time at each rank's speed, within each
+    rank's memory. Default: identical ranks.
+
     `num_stages="auto"` searches rank counts (the cluster's or `num_ranks`, and powers of two below),
     stages per rank, micro-batch counts (every divisor of the batch, or `num_microbatches` when it
     is an int) and schedules (every registered one, or `schedule` when given), simulates each, and
     returns the fastest predicted plan that fits every rank's memory; its report lists every candidate.
-
-    `cluster` (a Cluster or its JSON file) gives each rank's speed relative to `device`, its
-    memory and its link: stages are then balanced on time at each rank's speed, within each
-    rank's memory. Default: identical ranks.
     """
     from pipecc.pipeline import check_config, compile_plan
 
