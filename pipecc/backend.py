@@ -78,7 +78,7 @@ class BackendOptions:
     def resolved(self) -> dict[str, object]:
         """pipecc.compile's keyword arguments, with the defaults that depend on the process group filled in."""
         from pipecc.cli import parse_bytes
-        from pipecc.passes.schedules import schedule_kind
+        from pipecc.passes.schedules import default_num_stages
 
         kwargs = dict(self.compile_kwargs)
         schedule = str(kwargs.get("schedule", "1f1b"))
@@ -86,20 +86,13 @@ class BackendOptions:
         if grouped and "num_ranks" in compile_option_names():
             kwargs.setdefault("num_ranks", dist.get_world_size())
         if "num_stages" not in kwargs:
-            per_rank = schedule_kind(schedule).stages_per_rank if schedule in _registered() else 1
-            kwargs["num_stages"] = dist.get_world_size() * per_rank if grouped else 2
+            kwargs["num_stages"] = default_num_stages(schedule, dist.get_world_size()) if grouped else 2
         kwargs.setdefault("num_microbatches", kwargs["num_stages"])
         if self.memory_limit is not None:
             if kwargs.get("max_memory_bytes") is not None:
                 raise ConfigError("options memory_limit and max_memory_bytes both given.\nPass one of them.")
             kwargs["max_memory_bytes"] = parse_bytes(self.memory_limit)
         return kwargs
-
-
-def _registered() -> tuple[str, ...]:
-    from pipecc.passes.schedules import SCHEDULES
-
-    return tuple(SCHEDULES)
 
 
 @dataclass(frozen=True)

@@ -146,11 +146,14 @@ class StepComparison:
         return self.predicted_busy_ms / self.measured_busy_ms - 1.0
 
 
-def _compile(model_spec: str, variant: Variant, num_ranks: int):  # -> (Plan, inputs, target)
+def compile_variant(model_spec: str, variant: Variant, num_ranks: int):  # -> (Plan, inputs, target)
     import pipecc
 
+    from pipecc.passes.schedules import default_num_stages
+
     model, inputs, loss_fn, target = _build(model_spec)
-    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=num_ranks,
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target,
+                          num_stages=default_num_stages(variant.schedule, num_ranks), num_ranks=num_ranks,
                           num_microbatches=variant.num_microbatches, schedule=variant.schedule, device=variant.device,
                           cost_model=variant.cost_model, profile_cache_dir=variant.profile_cache_dir)
     return plan, inputs, target
@@ -162,7 +165,7 @@ def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int,
     per variant and step, the slowest rank's wall-clock time and the busiest rank's CPU time."""
     import torch.distributed as dist
 
-    runs = [_compile(model_spec, v, num_ranks) for v in variants]
+    runs = [compile_variant(model_spec, v, num_ranks) for v in variants]
     runners = [plan.runner() for plan, _, _ in runs]
     times: list[list[tuple[float, float]]] = [[] for _ in variants]
     for step in range(num_steps + 1):
@@ -182,7 +185,7 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
     """Predicted vs measured step time of each variant, over `num_ranks` local gloo ranks."""
     from pipecc.runtime.launch import spawn_local
 
-    predicted = [_compile(model_spec, v, num_ranks)[0].simulate() for v in variants]
+    predicted = [compile_variant(model_spec, v, num_ranks)[0].simulate() for v in variants]
     times = spawn_local(_steps_rank, num_ranks, model_spec, tuple(variants), num_steps, num_ranks)[0]
     return [StepComparison(v, p.step_time_ms, statistics.median(w for w, _ in t), max(p.busy_ms),
                            statistics.median(c for _, c in t))

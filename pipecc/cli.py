@@ -158,12 +158,12 @@ def _train_rank(spec: str, compile_kwargs: dict[str, object], steps: int, lr: fl
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipecc.passes.schedules import SCHEDULES
+    from pipecc.passes.schedules import default_num_stages
     from pipecc.runtime.launch import spawn_local
 
-    per_rank = SCHEDULES[args.schedule].stages_per_rank if args.schedule in SCHEDULES else 1
-    kwargs = _compile_kwargs(args, args.ranks * per_rank, num_ranks=args.ranks)
-    plan, _ = _compile(args, args.model, args.ranks * per_rank, num_ranks=args.ranks)
+    num_stages = default_num_stages(args.schedule, args.ranks)
+    kwargs = _compile_kwargs(args, num_stages, num_ranks=args.ranks)
+    plan, _ = _compile(args, args.model, num_stages, num_ranks=args.ranks)
     print(plan.report())
     print(f"\ntraining {args.steps} steps on {args.ranks} local gloo ranks ...", flush=True)
     history = spawn_local(_train_rank, args.ranks, args.model, kwargs, args.steps, args.lr)[0]

@@ -92,6 +92,16 @@ def schedule_kind(name: str) -> ScheduleKind:
         raise ConfigError(f"unknown schedule {name!r}; pipecc knows {known}.\nPass one of those as schedule=.") from None
 
 
+def default_num_stages(schedule: str, num_ranks: int) -> int:
+    """How many stages `schedule` runs on `num_ranks` ranks by default: its stages_per_rank on each
+    (2 for the V and looped schedules), one per rank for "auto" (which picks its own placement).
+
+    >>> default_num_stages("zbv", 2), default_num_stages("1f1b", 2), default_num_stages("auto", 2)
+    (4, 2, 2)
+    """
+    return num_ranks * (SCHEDULES[schedule].stages_per_rank if schedule in SCHEDULES else 1)
+
+
 def in_flight(schedule: Schedule, stage: int) -> int:
     """The most micro-batches `stage` holds activations for at once: counted along its rank's
     order, each from its F until its W (or BW). B is taken to free nothing: the runtime's B keeps
