@@ -81,7 +81,7 @@ class SymbolicCosts:
         >>> model = torch.nn.Linear(8, 4)
         >>> captured = capture(model, (torch.randn(2, 8),), F.mse_loss, torch.randn(2, 4), num_microbatches=1)
         >>> costs = symbolic_costs(captured, DeviceSpec.preset("cpu"))
-        >>> costs.nodes["_0"].flops_forward, costs.at(16)["_0"].flops_forward
+        >>> costs.nodes["linear"].flops_forward, costs.at(16)["linear"].flops_forward
         (64*b, 1024)
         """
         sizes = check_sizes(self, microbatch_size, sequence_length)
