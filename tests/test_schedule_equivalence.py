@@ -30,12 +30,14 @@ def compile_for(name: str, schedule: str, num_ranks: int, m: int, batch_size: in
 
 
 def local_cases(model: str, schedule: str) -> list[tuple[int, int, int]]:
-    """(ranks, micro-batches, batch size): m = p, m not a multiple of p, m = 2p (dualpipev: m >= 2p).
-    Over gloo: 2 ranks at m = 2p (GPT) and m = p (U-Net), 4 ranks at m = p (GPT)."""
-    small = schedule == "dualpipev"  # m >= 2p; 4 ranks at m = p run over gloo
+    """(ranks, micro-batches, batch size): m = p, m not a multiple of p, m = 2p, on 2 and 4 ranks
+    (dualpipev needs m >= 2p: it runs m = 2p and, on 2 ranks, m = 3p). Over gloo: 2 ranks at m = 2p
+    (GPT) and m = p (U-Net), 4 ranks at m = p (GPT and U-Net; dualpipev m = 2p)."""
+    if schedule == "dualpipev":
+        return [(2, 4, 8), (2, 6, 6), (4, 8, 8)] if model == "gpt" else [(2, 4, 8), (4, 8, 8)]
     if model == "gpt":
-        return [(2, 4 if small else 2, 8), (2, 6 if small else 3, 6), (4, 8 if small else 2, 8)]
-    return [(2, 4, 8)]
+        return [(2, 2, 8), (2, 3, 6), (2, 4, 8), (4, 2, 8), (4, 6, 6), (4, 8, 8)]
+    return [(2, 4, 8), (4, 4, 8)]
 
 
 @pytest.mark.parametrize("schedule", NEW)
@@ -95,7 +97,7 @@ def _dist_steps(cases: list[tuple[str, str, int, int, int]]) -> list[tuple[float
 def dist_cases(world_size: int) -> list[tuple[str, str, int, int, int]]:
     if world_size == 2:  # both models; m = 2p on GPT, m = p on U-Net (dualpipev: m = 2p)
         return [(model, s, 2, m if s != "dualpipev" else 4, 8) for s in NEW for model, m in (("gpt", 4), ("unet", 2))]
-    return [("gpt", s, 4, 8 if s == "dualpipev" else 4, 8) for s in NEW]  # m = p (dualpipev: 2p)
+    return [(model, s, 4, 8 if s == "dualpipev" else 4, 8) for s in NEW for model in ("gpt", "unet")]  # m = p
 
 
 @pytest.mark.dist
