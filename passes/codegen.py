@@ -120,6 +120,9 @@ def emit(plan: Plan, directory: Path) -> Path:
     >>> sorted(p.name for p in Path("out").iterdir())          # doctest: +SKIP
     ['plan.json', 'rank_0.pt', 'rank_0.py', 'rank_1.pt', 'rank_1.py']
     """
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"cannot emit the plan into {directory}: it is a file, not a directory.\n"
+                          "Pass a directory path (it is created if needed).")
     codes = [stage_code(stage) for stage in plan.stages]
     directory.mkdir(parents=True, exist_ok=True)
     for rank in range(plan.num_ranks):
@@ -665,7 +668,7 @@ def _decode_plan(fields: _Json) -> Plan:
         check_schedule(schedule)
         check_stages(stages)
     except (ScheduleError, PartitionError) as err:
-        fields.fail(f"its plan does not verify: {str(err).splitlines()[0]}")
+        fields.fail(f"its plan does not verify: {str(err).splitlines()[0].rstrip('.')}")
     return Plan(config=config, device=device, stages=stages, schedule=schedule,
                 input_specs=tuple(_decode_spec(f) for f in fields.objs("input_specs")),
                 target_spec=_decode_spec(fields.obj("target_spec")),
@@ -681,9 +684,18 @@ def _decode_schedule(fields: _Json) -> Schedule:
         if not isinstance(actions, list):
             fields.fail(f"field {fields.where}.rank_actions[{r}] is not a list")
         rank_actions.append(tuple(_decode_action(a, fields) for a in actions))
-    return Schedule(name=fields.get("name", str), num_stages=fields.get("num_stages", int),
-                    num_microbatches=fields.get("num_microbatches", int),
-                    stage_to_rank=fields.ints("stage_to_rank"), rank_actions=tuple(rank_actions))
+    schedule = Schedule(name=fields.get("name", str), num_stages=fields.get("num_stages", int),
+                        num_microbatches=fields.get("num_microbatches", int),
+                        stage_to_rank=fields.ints("stage_to_rank"), rank_actions=tuple(rank_actions))
+    if len(schedule.stage_to_rank) != schedule.num_stages:
+        fields.fail(f"{fields.where}.stage_to_rank places {len(schedule.stage_to_rank)} stages, "
+                    f"but num_stages is {schedule.num_stages}")
+    for r, actions in enumerate(schedule.rank_actions):
+        for action in actions:
+            if not (action.stage < schedule.num_stages and action.microbatch < schedule.num_microbatches):
+                fields.fail(f"{fields.where}.rank_actions[{r}] holds {action}, outside the plan's "
+                            f"{schedule.num_stages} stages and {schedule.num_microbatches} micro-batches")
+    return schedule
 
 
 def _decode_action(text: object, fields: _Json) -> Action:

@@ -351,7 +351,15 @@ CASES: dict[str, Case] = {
         r"plan\.json: its stages sit on ranks \[0, 1\] but the schedule puts them on \[0, 7\]", needs_plan_dir=True),
     "plan.json running an action twice": Case(
         lambda d: pipecc.load(_broken_plan(d, _set(("schedule", "rank_actions", 0, 1), "0F0"))), PlanFileError,
-        r"plan\.json: its plan does not verify: 1f1b: rank 0 runs 0F0 2 times", needs_plan_dir=True),
+        r"plan\.json: its plan does not verify: 1f1b: rank 0 runs 0F0 2 times\.\n", needs_plan_dir=True),
+    "plan.json naming a stage the plan does not have": Case(
+        lambda d: pipecc.load(_broken_plan(d, _set(("schedule", "rank_actions", 0, 0), "7F0"))), PlanFileError,
+        r"plan\.json: schedule\.rank_actions\[0\] holds 7F0, outside the plan's 2 stages and \d+ micro-batches\.\n"
+        r"The file is truncated, edited or corrupt", needs_plan_dir=True),
+    "emitting a plan onto an existing file": Case(
+        lambda d: _compile().emit(d / "plan.json"), ConfigError,
+        r"cannot emit the plan into .*plan\.json: it is a file, not a directory\.\nPass a directory path",
+        needs_plan_dir=True),
     "loading a rank the plan does not have": Case(
         lambda d: pipecc.load(d, rank=5), ConfigError, r"rank=5, but the plan at .* has 2 ranks \(0 to 1\)",
         needs_plan_dir=True),
