@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipecc.cluster import Cluster
-from pipecc.costs import CostTable, DeviceSpec, resolve_device
+from pipecc.costs import CostTable, DeviceSpec
 from pipecc.errors import ConfigError, PipeccError
 from pipecc.ir import Captured, Config, ScheduleCandidate, ScheduleChoice
 from pipecc.plan import Plan
@@ -111,6 +111,7 @@ def autoconfigure(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss
     cost model). Ties go to fewer ranks, then fewer micro-batches, then registry order.
     """
     from pipecc.passes.schedules import SCHEDULES, schedule_kind
+    from pipecc.pipeline import trace_and_cost
 
     names = list(SCHEDULES) if schedules is None else [schedule_kind(n).name for n in schedules]
     batch_size = example_inputs[0].shape[0] if example_inputs else example_target.shape[0]
@@ -121,7 +122,8 @@ def autoconfigure(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss
         ranks = None if cluster is None else Cluster(cluster.ranks[:num_ranks], name=cluster.name)
         for m in counts:
             if m not in traced:
-                traced[m] = _trace(model, example_inputs, loss_fn, example_target, config, device, m)
+                traced[m] = trace_and_cost(model, example_inputs, loss_fn, example_target,
+                                           dataclasses.replace(config, num_microbatches=m), device)
             for name in names:
                 for v in stages_per_rank_options(SCHEDULES[name]) if num_ranks > 1 else [1]:
                     if SCHEDULES[name].fixed_stages_per_rank and SCHEDULES[name].stages_per_rank != v:
@@ -149,27 +151,6 @@ def autoconfigure(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss
                 input_specs=plan.input_specs, target_spec=plan.target_spec, capture_method=plan.capture_method,
                 cost_formulas=plan.cost_formulas, schedule_choice=result.choice())
     return dataclasses.replace(result, plan=plan)
-
-
-def _trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
-           example_target: torch.Tensor, config: Config, device: DeviceSpec | str, m: int) -> tuple[Captured, CostTable]:
-    """Capture and costs at micro-batch count `m`, as compile_plan computes them."""
-    from pathlib import Path
-
-    from pipecc.passes.annotate_costs import annotate_costs
-    from pipecc.passes.capture import capture
-    from pipecc.passes.profile import profile_costs
-    from pipecc.pipeline import pass_context
-
-    with pass_context("capture"):
-        captured = capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
-    with pass_context("annotate_costs"):
-        costs = annotate_costs(captured, resolve_device(device))
-    if config.cost_model == "profile":
-        with pass_context("profile_costs"):
-            cache_dir = Path(config.profile_cache_dir) if config.profile_cache_dir else None
-            costs = profile_costs(captured, costs, example_inputs, example_target, cache_dir=cache_dir)
-    return captured, costs
 
 
 def _evaluate(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],

@@ -42,6 +42,22 @@ def pass_context(name: str) -> Iterator[None]:
     log.info("pass %s took %.3f s", name, time.perf_counter() - start)
 
 
+def trace_and_cost(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
+                   example_target: torch.Tensor, config: Config,
+                   device: DeviceSpec | str) -> tuple[Captured, CostTable]:
+    """Capture at config.num_microbatches and cost every node (roofline, then profiled times when
+    config.cost_model is "profile"): what every candidate of one trace shares."""
+    with pass_context("capture"):
+        captured = capture(model, example_inputs, loss_fn, example_target, num_microbatches=config.num_microbatches)
+    with pass_context("annotate_costs"):
+        costs = annotate_costs(captured, resolve_device(device))
+    if config.cost_model == "profile":
+        with pass_context("profile_costs"):
+            cache_dir = Path(config.profile_cache_dir) if config.profile_cache_dir else None
+            costs = profile_costs(captured, costs, example_inputs, example_target, cache_dir=cache_dir)
+    return captured, costs
+
+
 def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
                  example_target: torch.Tensor, config: Config, device: DeviceSpec | str = "cpu",
                  cluster: Cluster | None = None, *, traced: tuple[Captured, CostTable] | None = None,
@@ -59,14 +75,7 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
     def in_flight(stage: int) -> int:  # counted on the schedule, which is built before the partition
         return held_microbatches(schedule, stage)
 
-    with pass_context("capture"):
-        captured = traced[0] if traced else capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
-    with pass_context("annotate_costs"):
-        costs = traced[1] if traced else annotate_costs(captured, spec)
-    if config.cost_model == "profile" and not traced:
-        with pass_context("profile_costs"):
-            cache_dir = Path(config.profile_cache_dir) if config.profile_cache_dir else None
-            costs = profile_costs(captured, costs, example_inputs, example_target, cache_dir=cache_dir)
+    captured, costs = traced or trace_and_cost(model, example_inputs, loss_fn, example_target, config, spec)
     with pass_context("schedule"):
         schedule = kind.build(num_stages, m, config.num_ranks)
         check_schedule(schedule)
@@ -124,14 +133,7 @@ def compile_auto(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
 
     num_ranks = config.num_ranks or config.num_stages
     limit, m = config.max_memory_bytes, config.num_microbatches
-    with pass_context("capture"):
-        captured = capture(model, example_inputs, loss_fn, example_target, num_microbatches=m)
-    with pass_context("annotate_costs"):
-        costs = annotate_costs(captured, resolve_device(device))
-    if config.cost_model == "profile":
-        with pass_context("profile_costs"):
-            cache_dir = Path(config.profile_cache_dir) if config.profile_cache_dir else None
-            costs = profile_costs(captured, costs, example_inputs, example_target, cache_dir=cache_dir)
+    captured, costs = trace_and_cost(model, example_inputs, loss_fn, example_target, config, device)
 
     def build(name: str, costs_only: bool) -> Plan:
         kind = SCHEDULES["zb-h1" if name == "zb-auto" else name]
