@@ -70,6 +70,7 @@ def test_report_module_path_and_gpipe(capsys: pytest.CaptureFixture[str]) -> Non
     (["report", "examples/mlp.py:build", "--plot", "out.pdf"], "must end in .png or .svg"),
     (["report", "examples/mlp.py:build", "--width", "2"], "too narrow"),
     (["emit", "examples/mlp.py:build", "--microbatches", "3", "-o", "unused_dir"], "does not divide"),
+    (["calibrate", "examples/nope.py:build", "-o", "unused.json"], "does not exist"),
 ])
 def test_bad_usage_is_one_clear_error(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -79,6 +80,7 @@ def test_bad_usage_is_one_clear_error(argv: list[str], message: str, capsys: pyt
 
 
 @pytest.mark.parametrize("argv", [[], ["frobnicate"], ["report"], ["emit", "examples/mlp.py:build"],
+                                  ["calibrate", "examples/mlp.py:build"],
                                   ["report", "examples/mlp.py:build", "--stages", "two"]])
 def test_malformed_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
