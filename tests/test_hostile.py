@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -479,7 +480,9 @@ def test_runtime_mistakes_fail_on_every_gloo_rank_with_the_same_message() -> Non
             assert message.splitlines()[1].startswith("Check micro-batch 1's inputs and the ops of stage 0")
         else:  # its peer waited for the activations, timed out, and names the cause
             assert error == "PeerLostError", message
-            assert message.startswith(f"rank 1 stopped at action 1RECV_F1 (stage 1, micro-batch 1): {first_failure}"), \
+            # micro-batch 0's activations may or may not have got through before rank 0 stopped
+            waited = re.escape(f": {first_failure}")
+            assert re.match(rf"rank 1 stopped at action 1RECV_F([01]) \(stage 1, micro-batch \1\){waited}", message), \
                 message
 
 
