@@ -206,30 +206,111 @@ class PartitionProblem:
         return 2 * self.stage_param_bytes(start, stop) + in_flight * activations
 
 
-def partition_problem(captured: Captured, costs: CostTable) -> PartitionProblem:
-    """Reduce the captured graph and its costs to a PartitionProblem."""
+@dataclass(frozen=True)
+class PartitionGraph:
+    """The compute nodes in graph order, what each costs, what value it produces and which nodes read
+    it, and which must come before it: what a PartitionProblem is built from, along any topological order.
+
+    >>> g = PartitionGraph(("a", "b", "c"), (1.0, 2.0, 4.0), (0, 0, 0), ((), (), ()), {}, (8, 4, 4),
+    ...                    (0, 0, 0), (False,) * 3, ((1, 2), (3,), (3,)), ((), (0,), (0,)), DeviceSpec.preset("cpu"))
+    >>> [(v.producer, v.last_use, v.forward_bytes) for v in g.problem((0, 2, 1)).values]
+    [(0, 2, 8), (1, 3, 4), (2, 3, 4)]
+    """
+
+    node_names: tuple[str, ...]
+    node_ms: tuple[float, ...]  # F+B+W per node
+    saved_bytes: tuple[int, ...]
+    node_params: tuple[tuple[str, ...], ...]
+    param_bytes: Mapping[str, int]
+    value_bytes: tuple[int, ...]  # of each node's value: 0 unless a tensor
+    grad_bytes: tuple[int, ...]  # of its gradient: 0 when none flows back through it
+    opaque: tuple[bool, ...]  # not a tensor nor a constant: no boundary may cut it
+    users: tuple[tuple[int, ...], ...]  # indices of the nodes reading each value; num_nodes: the graph output
+    after: tuple[tuple[int, ...], ...]  # indices of the nodes each node must follow (its inputs, side effects)
+    device: DeviceSpec
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.node_names)
+
+    def problem(self, order: Sequence[int] | None = None) -> PartitionProblem:
+        """The PartitionProblem along `order` (node indices, a topological order; default: graph order)."""
+        n = self.num_nodes
+        order = range(n) if order is None else order
+        position = [0] * (n + 1)
+        for p, i in enumerate(order):
+            position[i] = p
+        position[n] = n
+        values = []
+        for p, i in enumerate(order):
+            last_use = max((position[u] for u in self.users[i]), default=p)
+            if last_use > p:
+                values.append(CutValue(p, last_use, self.value_bytes[i], self.grad_bytes[i], self.opaque[i]))
+        return PartitionProblem(
+            node_names=tuple(self.node_names[i] for i in order),
+            node_ms=tuple(self.node_ms[i] for i in order),
+            saved_bytes=tuple(self.saved_bytes[i] for i in order),
+            node_params=tuple(self.node_params[i] for i in order),
+            param_bytes=self.param_bytes,
+            values=tuple(values),
+            device=self.device,
+        )
+
+
+def partition_graph(captured: Captured, costs: CostTable) -> PartitionGraph:
+    """The captured graph and its costs as a PartitionGraph. A node with side effects (an in-place
+    update, an assert) keeps its place: it follows every node before it and precedes every node after."""
     gm = captured.graph_module
     nodes = compute_nodes(gm)
+    n = len(nodes)
     index = {node.name: i for i, node in enumerate(nodes)}
     needs_grad = grad_nodes(gm)
-    values = tuple(_cut_value(node, i, index, needs_grad, len(nodes)) for i, node in enumerate(nodes))
-    return PartitionProblem(
-        node_names=tuple(n.name for n in nodes),
+    kinds = [value_kind(node) for node in nodes]
+    sizes = [tensor_bytes(node) if kind is ValueKind.TENSOR else 0 for node, kind in zip(nodes, kinds)]
+    return PartitionGraph(
+        node_names=tuple(index),
         node_ms=tuple(costs[n.name].total_ms for n in nodes),
         saved_bytes=tuple(costs[n.name].saved_bytes for n in nodes),
         node_params=tuple(costs[n.name].param_names for n in nodes),
         param_bytes=dict(costs.param_bytes),
-        values=tuple(v for v in values if v.last_use > v.producer),
+        value_bytes=tuple(sizes),
+        grad_bytes=tuple(size if node.name in needs_grad else 0 for node, size in zip(nodes, sizes)),
+        opaque=tuple(kind is ValueKind.OPAQUE for kind in kinds),
+        users=tuple(tuple(index.get(user.name, n) for user in node.users) for node in nodes),
+        after=_order_constraints(nodes, index),
         device=costs.device,
     )
 
 
-def _cut_value(node: fx.Node, producer: int, index: Mapping[str, int], needs_grad: set[str],
-               num_nodes: int) -> CutValue:
-    last_use = max((index.get(user.name, num_nodes) for user in node.users), default=producer)
-    kind = value_kind(node)
-    size = tensor_bytes(node) if kind is ValueKind.TENSOR else 0
-    return CutValue(producer, last_use, size, size if node.name in needs_grad else 0, kind is ValueKind.OPAQUE)
+def _order_constraints(nodes: Sequence[fx.Node], index: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
+    """Per node, the nodes it must follow: its compute inputs; for a node with side effects, every node
+    since the previous one with side effects; and after it, that node."""
+    after: list[list[int]] = [[index[a.name] for a in node.all_input_nodes if a.name in index] for node in nodes]
+    barrier, since = None, []
+    for i, node in enumerate(nodes):
+        if barrier is not None:
+            after[i].append(barrier)
+        if _has_side_effects(node):
+            after[i].extend(since)
+            barrier, since = i, []
+        else:
+            since.append(i)
+    return tuple(tuple(dict.fromkeys(a)) for a in after)
+
+
+def _has_side_effects(node: fx.Node) -> bool:
+    """An op fx calls impure (random ops aside: pipecc seeds each dropout by its index), or an in-place method."""
+    if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).endswith("__"):
+        return True
+    try:
+        return node.is_impure(impure_random=False)
+    except TypeError:  # torch before 2.6 has no impure_random, and calls no random op impure
+        return node.is_impure()
+
+
+def partition_problem(captured: Captured, costs: CostTable) -> PartitionProblem:
+    """Reduce the captured graph and its costs to a PartitionProblem along the graph's order."""
+    return partition_graph(captured, costs).problem()
 
 
 def partition(captured: Captured, costs: CostTable, *, num_stages: int,
@@ -238,15 +319,20 @@ def partition(captured: Captured, costs: CostTable, *, num_stages: int,
     """Assign each compute node to one of `num_stages` contiguous stages so that the slowest stage
     (compute at its rank's speed + traffic across its cuts) is as fast as possible, within each
     rank's memory. Stage s runs on rank `stage_to_rank[s]` (default: rank s) of `cluster`
-    (default: identical ranks). Deterministic."""
-    from pipecc.passes.coarsen import solve_coarsened  # coarsen builds on this module's PartitionProblem
+    (default: identical ranks). Deterministic.
 
-    problem = partition_problem(captured, costs)
-    cuts, bottleneck = solve_coarsened(problem, num_stages, max_memory_bytes=max_memory_bytes, in_flight=in_flight,
-                                       stage_to_rank=stage_to_rank, cluster=cluster)
-    bounds = [0, *cuts, problem.num_nodes]
-    stage_of = {name: s for s in range(num_stages) for name in problem.node_names[bounds[s]:bounds[s + 1]]}
-    return Partition(num_stages=num_stages, stage_of=stage_of, bottleneck_ms=bottleneck)
+    Stages are contiguous in the best topological order (`pipecc.passes.order`: the graph's own
+    unless another is strictly better), not necessarily the graph's: `order.reorder(captured,
+    order.order_by_stage(captured, partition))` makes them contiguous in the graph too."""
+    from pipecc.passes.order import best_order  # order builds on this module's PartitionGraph
+
+    graph = partition_graph(captured, costs)
+    best = best_order(graph, num_stages, max_memory_bytes=max_memory_bytes, in_flight=in_flight,
+                      stage_to_rank=stage_to_rank, cluster=cluster)
+    names = [graph.node_names[i] for i in best.order]
+    bounds = [0, *best.cuts, graph.num_nodes]
+    stage_of = {name: s for s in range(num_stages) for name in names[bounds[s]:bounds[s + 1]]}
+    return Partition(num_stages=num_stages, stage_of=stage_of, bottleneck_ms=best.bottleneck_ms)
 
 
 def solve(problem: PartitionProblem, num_stages: int, *, max_memory_bytes: int | None = None,
@@ -263,12 +349,8 @@ def solve(problem: PartitionProblem, num_stages: int, *, max_memory_bytes: int |
         )
     places = place_stages(problem.device, num_stages, stage_to_rank, cluster)
     limits = rank_memory_limits(places, cluster, max_memory_bytes)
-    tables = _VectorTables(problem, places, [in_flight(s) for s in range(num_stages)])
-    best: tuple[list[int], float] = ([], INF)
-    for caps in stage_memory_caps(places, limits, in_flight):
-        result = _minmax(n, num_stages, lambda stop, caps=caps: tables.cost_ms(stop, caps))
-        if result[1] < best[1]:
-            best = result
+    tables = StageTables(problem, places, [in_flight(s) for s in range(num_stages)])
+    best = minmax_over_caps(n, num_stages, tables.cost_ms, stage_memory_caps(places, limits, in_flight))
     if best[1] == INF:
         raise _infeasible(problem, tables, places, limits, in_flight)
     return best
@@ -304,6 +386,20 @@ def stage_memory_caps(places: Sequence[StagePlace], limits: Sequence[int | None]
     return list(dict.fromkeys([split(lambda s: 1), split(in_flight)]))
 
 
+StageCosts = Callable[[int, Sequence[int | None]], np.ndarray]  # (stop, per-stage memory caps) -> (stages, stop)
+
+
+def minmax_over_caps(n: int, num_stages: int, cost_ms: StageCosts,
+                     caps_options: Sequence[Sequence[int | None]]) -> tuple[list[int], float]:
+    """The best `_minmax` over ways to split the memory limits into per-stage caps (the first on ties)."""
+    best: tuple[list[int], float] = ([], INF)
+    for caps in caps_options:
+        result = _minmax(n, num_stages, lambda stop, caps=caps: cost_ms(stop, caps))
+        if result[1] < best[1]:
+            best = result
+    return best
+
+
 def _minmax(n: int, num_stages: int, cost: Callable[[int], np.ndarray]) -> tuple[list[int], float]:
     """min over cuts 0 < c1 < ... < c_{p-1} < n of max over stages s of cost(stop)[s, start].
 
@@ -331,7 +427,7 @@ def _minmax(n: int, num_stages: int, cost: Callable[[int], np.ndarray]) -> tuple
     return cuts[::-1], float(best[num_stages - 1, n])
 
 
-class _VectorTables:
+class StageTables:
     """Vector forms of PartitionProblem.stage_cost_ms / stage_memory_bytes for every stage and start at once."""
 
     def __init__(self, problem: PartitionProblem, places: Sequence[StagePlace], in_flight: Sequence[int]) -> None:
@@ -341,23 +437,9 @@ class _VectorTables:
         self.saved_prefix = _prefix(problem.saved_bytes)
         self.activation = traffic.forward_bytes
         self.blocked = ~traffic.cuttable
-        self.inverse_speed = np.array([[1.0 / p.speed] for p in places])
-        link_ms = {link: traffic.transfer_ms(link) for p in places for link in (p.link_in, p.link_out)}
-        self.link_in_ms = np.stack([link_ms[p.link_in] for p in places])  # (stages, N + 1)
-        self.link_out_ms = np.stack([link_ms[p.link_out] for p in places])
+        self.inverse_speed, self.link_in_ms, self.link_out_ms = stage_link_ms(places, traffic)
         self.in_flight = np.array([[float(k)] for k in in_flight])
-        uses: dict[str, list[int]] = {}
-        for i, params in enumerate(problem.node_params):
-            for name in dict.fromkeys(params):
-                uses.setdefault(name, []).append(i)
-        single = np.zeros(problem.num_nodes)
-        self.shared_uses: list[tuple[int, list[int]]] = []
-        for name, where in uses.items():
-            size = problem.param_bytes.get(name, 0)
-            if len(where) == 1:
-                single[where[0]] += size
-            else:
-                self.shared_uses.append((size, where))
+        single, self.shared_uses = split_params(problem.node_params, problem.param_bytes)
         self.single_param_prefix = _prefix(single)
 
     def cost_ms(self, stop: int, caps: Sequence[int | None]) -> np.ndarray:
@@ -365,11 +447,15 @@ class _VectorTables:
         does not fit that stage's memory cap."""
         compute = (self.time_prefix[stop] - self.time_prefix[:stop]) * self.inverse_speed
         value = compute + self.link_in_ms[:, :stop] + self.link_out_ms[:, stop:stop + 1]
-        value[:, self.blocked[:stop] | self.blocked[stop]] = INF
+        value[:, self.unusable_starts(stop)] = INF
         if any(cap is not None for cap in caps):
             limit = np.array([[INF if cap is None else float(cap)] for cap in caps])
             value[self.memory_bytes(stop) > limit] = INF
         return value
+
+    def unusable_starts(self, stop: int) -> np.ndarray:
+        """(stop,) bool: the starts from which no stage may reach `stop` (a boundary that cannot be cut)."""
+        return self.blocked[:stop] | self.blocked[stop]
 
     def param_bytes(self, stop: int) -> np.ndarray:
         value = self.single_param_prefix[stop] - self.single_param_prefix[:stop]
@@ -390,11 +476,38 @@ class _VectorTables:
         return 2 * self.param_bytes(stop) + self.in_flight * activations
 
 
+def stage_link_ms(places: Sequence[StagePlace], traffic: Traffic) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per stage, 1 / its rank's speed (stages, 1), and the time to move what crosses each boundary over
+    its link in and its link out (stages, boundaries)."""
+    link_ms = {link: traffic.transfer_ms(link) for p in places for link in (p.link_in, p.link_out)}
+    return (np.array([[1.0 / p.speed] for p in places]), np.stack([link_ms[p.link_in] for p in places]),
+            np.stack([link_ms[p.link_out] for p in places]))
+
+
+def split_params(node_params: Sequence[Sequence[str]],
+                 param_bytes: Mapping[str, int]) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
+    """Per node, the bytes of the parameters it alone reads; and (bytes, reading nodes) of each parameter
+    several nodes read, which a stage holds once however many of its nodes read it."""
+    uses: dict[str, list[int]] = {}
+    for i, params in enumerate(node_params):
+        for name in dict.fromkeys(params):
+            uses.setdefault(name, []).append(i)
+    single = np.zeros(len(node_params))
+    shared: list[tuple[int, list[int]]] = []
+    for name, where in uses.items():
+        size = param_bytes.get(name, 0)
+        if len(where) == 1:
+            single[where[0]] += size
+        else:
+            shared.append((size, where))
+    return single, shared
+
+
 def _prefix(values: Sequence[float]) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
 
 
-def _infeasible(problem: PartitionProblem, tables: _VectorTables, places: Sequence[StagePlace],
+def _infeasible(problem: PartitionProblem, tables: StageTables, places: Sequence[StagePlace],
                 limits: Sequence[int | None], in_flight: InFlight) -> PartitionError:
     """Why no partition exists: too few cuttable boundaries, or (with enough of them) the memory limits."""
     num_stages = len(places)

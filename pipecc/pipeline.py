@@ -17,6 +17,7 @@ from pipecc.errors import ConfigError, PipeccError
 from pipecc.ir import Captured, Config
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
+from pipecc.passes.order import check_order, order_by_stage, reorder
 from pipecc.passes.partition import check_partition, partition
 from pipecc.passes.profile import profile_costs
 from pipecc.passes.schedules import in_flight as held_microbatches
@@ -82,6 +83,10 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
     with pass_context("partition"):
         part = partition(captured, costs, num_stages=num_stages, max_memory_bytes=config.max_memory_bytes,
                          in_flight=in_flight, stage_to_rank=schedule.stage_to_rank, cluster=cluster)
+    with pass_context("order"):  # stages may be contiguous in another topological order: make it the graph's
+        order = order_by_stage(captured, part)
+        check_order(captured, order)
+        captured = reorder(captured, order)
         check_partition(captured, part)
     with pass_context("split_stages"):
         stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight,
