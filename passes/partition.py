@@ -1,6 +1,9 @@
-"""Partition: node -> stage, minimising the slowest stage, exactly, over the graph's order.
+"""Partition: node -> stage, minimising the slowest stage, exactly along one topological order.
 
-A stage is a contiguous range [i, j) of compute nodes in graph (topological) order. Its cost
+A stage is a contiguous range [i, j) of compute nodes in a topological order. Which order is
+`pipecc.passes.order`'s choice: the graph's own unless another has a strictly lower bottleneck (on
+small graphs the best over all topological orders, found exactly), after which the pipeline
+reorders the graph so that stages are contiguous in graph order. Along one order, a stage's cost
 is its F+B+W compute, divided by the speed of the rank it runs on, plus the time to move every
 value that crosses its two boundaries (activations forward, their gradients backward) over
 the link to the neighbouring stage's rank; a boundary between two stages on the same rank
