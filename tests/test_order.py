@@ -66,9 +66,13 @@ def test_every_heuristic_order_finds_the_towers_too(monkeypatch: pytest.MonkeyPa
     _, graph = _two_towers_graph()
     for candidate in (depth_first_order(graph), depth_first_order(graph, large_outputs_last=True), greedy_order(graph)):
         assert solve(graph.problem(candidate), 2)[1] == pytest.approx(BEST_ORDER_MS, rel=1e-9)
-    monkeypatch.setattr(order_pass, "MAX_DOWNSET_NODES", 0)
+    monkeypatch.setattr(order_pass, "MAX_DOWNSETS", 10)  # too many downsets: the three candidates
     best = best_order(graph, 2)
     assert (best.method, best.bottleneck_ms) == ("depth-first", pytest.approx(BEST_ORDER_MS, rel=1e-9))
+    monkeypatch.setattr(order_pass, "MAX_DOWNSET_NODES", 0)  # a large graph: one candidate
+    best = best_order(graph, 2)
+    assert (best.method, best.bottleneck_ms) == ("depth-first, large outputs last",
+                                                 pytest.approx(BEST_ORDER_MS, rel=1e-9))
 
 
 def test_compiled_two_towers_plan_reports_the_lower_bottleneck_and_equals_the_model() -> None:
@@ -194,14 +198,17 @@ def test_downset_dp_equals_the_best_partition_over_every_topological_order(graph
 
 
 @PROPERTY
-@given(random_graphs(max_nodes=8), st.integers(1, 4), st.sampled_from([None, 60_000]), st.booleans())
+@given(random_graphs(max_nodes=8), st.integers(1, 4), st.sampled_from([None, 60_000]),
+       st.sampled_from(["exact", "candidates", "large"]))
 def test_chosen_order_is_topological_and_never_worse_than_the_graphs(graph: PartitionGraph, num_stages: int,
-                                                                     limit: int | None, heuristics: bool) -> None:
+                                                                     limit: int | None, search: str) -> None:
     num_stages = min(num_stages, graph.num_nodes)
     own = _solve_or_inf(graph, None, num_stages, limit)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            if heuristics:
+            if search == "candidates":
+                patch.setattr(order_pass, "MAX_DOWNSETS", 0)
+            if search == "large":
                 patch.setattr(order_pass, "MAX_DOWNSET_NODES", 0)
             best = best_order(graph, num_stages, max_memory_bytes=limit, in_flight=lambda s: 2)
     except PartitionError:
