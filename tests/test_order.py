@@ -4,14 +4,13 @@ own order; the reordered graph trains to the same loss and gradients as the mode
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pipecc
+from pipecc.cluster import Cluster
 from pipecc.costs import DeviceSpec
 from pipecc.errors import PartitionError
 from pipecc.passes import order as order_pass
@@ -170,10 +169,22 @@ def _topological_orders(graph: PartitionGraph) -> list[tuple[int, ...]]:
     return orders
 
 
+PLACEMENTS = {  # num_stages -> (stage_to_rank, cluster) options: one stage per equal rank, a V, unequal ranks
+    "one per rank": lambda p: (None, None),
+    "v": lambda p: ((0, 1, 1, 0), None) if p == 4 else (None, None),
+    "unequal": lambda p: (None, Cluster.of([1.0, 0.5, 2.0, 1.0][:p])),
+}
+
+
+def _options(num_stages: int, limit: int | None, placement: str) -> dict[str, object]:
+    stage_to_rank, cluster = PLACEMENTS[placement](num_stages)
+    return dict(max_memory_bytes=limit, in_flight=lambda s: 2, stage_to_rank=stage_to_rank, cluster=cluster)
+
+
 def _solve_or_inf(graph: PartitionGraph, order: tuple[int, ...] | None, num_stages: int,
-                  limit: int | None) -> float:
+                  options: dict[str, object]) -> float:
     try:
-        return solve(graph.problem(order), num_stages, max_memory_bytes=limit, in_flight=lambda s: 2)[1]
+        return solve(graph.problem(order), num_stages, **options)[1]  # type: ignore[arg-type]
     except PartitionError:
         return INF
 
@@ -182,36 +193,40 @@ PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, suppress_h
 
 
 @PROPERTY
-@given(random_graphs(max_nodes=7), st.integers(1, 3), st.sampled_from([None, 60_000, 120_000]))
+@given(random_graphs(max_nodes=7), st.integers(1, 4), st.sampled_from([None, 60_000, 120_000]),
+       st.sampled_from(list(PLACEMENTS)))
 def test_downset_dp_equals_the_best_partition_over_every_topological_order(graph: PartitionGraph, num_stages: int,
-                                                                             limit: int | None) -> None:
+                                                                             limit: int | None, placement: str) -> None:
     num_stages = min(num_stages, graph.num_nodes)
+    options = _options(num_stages, limit, placement)
     orders = _topological_orders(graph)
-    brute = min(_solve_or_inf(graph, order, num_stages, limit) for order in orders)
-    exact = downset_order(graph, num_stages, max_memory_bytes=limit, in_flight=lambda s: 2)
+    brute = min(_solve_or_inf(graph, order, num_stages, options) for order in orders)
+    exact = downset_order(graph, num_stages, **options)  # type: ignore[arg-type]
     if exact is None:
         assert brute == INF
         return
     order, bottleneck = exact
     assert bottleneck == pytest.approx(brute, rel=1e-9)
     assert order in orders
-    assert _solve_or_inf(graph, order, num_stages, limit) == pytest.approx(brute, rel=1e-9)
+    assert _solve_or_inf(graph, order, num_stages, options) == pytest.approx(brute, rel=1e-9)
 
 
 @PROPERTY
 @given(random_graphs(max_nodes=8), st.integers(1, 4), st.sampled_from([None, 60_000]),
-       st.sampled_from(["exact", "candidates", "large"]))
+       st.sampled_from(["exact", "candidates", "large"]), st.sampled_from(list(PLACEMENTS)))
 def test_chosen_order_is_topological_and_never_worse_than_the_graphs(graph: PartitionGraph, num_stages: int,
-                                                                     limit: int | None, search: str) -> None:
+                                                                     limit: int | None, search: str,
+                                                                     placement: str) -> None:
     num_stages = min(num_stages, graph.num_nodes)
-    own = _solve_or_inf(graph, None, num_stages, limit)
+    options = _options(num_stages, limit, placement)
+    own = _solve_or_inf(graph, None, num_stages, options)
     try:
         with pytest.MonkeyPatch.context() as patch:
             if search == "candidates":
                 patch.setattr(order_pass, "MAX_DOWNSETS", 0)
             if search == "large":
                 patch.setattr(order_pass, "MAX_DOWNSET_NODES", 0)
-            best = best_order(graph, num_stages, max_memory_bytes=limit, in_flight=lambda s: 2)
+            best = best_order(graph, num_stages, **options)  # type: ignore[arg-type]
     except PartitionError:
         assert own == INF
         return
@@ -221,7 +236,7 @@ def test_chosen_order_is_topological_and_never_worse_than_the_graphs(graph: Part
     assert best.bottleneck_ms <= own
     if best.order == tuple(range(graph.num_nodes)):
         assert best.bottleneck_ms == own
-    assert _solve_or_inf(graph, best.order, num_stages, limit) == pytest.approx(best.bottleneck_ms, rel=1e-12)
+    assert _solve_or_inf(graph, best.order, num_stages, options) == pytest.approx(best.bottleneck_ms, rel=1e-12)
 
 
 def test_downsets_stop_at_the_cap() -> None:
@@ -242,3 +257,22 @@ def test_reordered_plans_under_placements_and_auto_equal_the_model(schedule: str
     first = plan.stages[0].node_names
     assert len(first) >= 3 and set(first) <= TOWER_A  # b_0, third in the graph's order, went later
     assert_same_step(model, inputs, loss_fn, target, plan)
+
+
+class _InPlace(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x * 2
+        b = x + 1
+        b.add_(a)  # an in-place update: reads of b must stay on its side
+        c = x - 1
+        return a + b + c
+
+
+def test_a_node_with_side_effects_keeps_its_place() -> None:
+    """The in-place add_ follows every node before it and precedes every node after it, data or not."""
+    from pipecc.passes.partition import _order_constraints
+
+    nodes = compute_nodes(torch.fx.symbolic_trace(_InPlace()))
+    assert [n.name for n in nodes] == ["mul", "add", "add_", "sub", "add_1", "add_2"]
+    after = _order_constraints(nodes, {n.name: i for i, n in enumerate(nodes)})
+    assert after == ((), (), (1, 0), (2,), (0, 1, 2), (4, 3, 2))
