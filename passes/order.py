@@ -70,7 +70,7 @@ def best_order(graph: PartitionGraph, num_stages: int, *, max_memory_bytes: int 
     >>> from pipecc.costs import DeviceSpec
     >>> g = PartitionGraph(("a", "b", "c"), (1.0, 1.0, 1.0), (0, 0, 0), ((), (), ()), {}, (0, 0, 0),
     ...                    (0, 0, 0), (False,) * 3, ((3,), (2,), (3,)), ((), (), (1,)), DeviceSpec.preset("cpu"))
-    >>> best_order(g, 2).order  # a and c are one cost; every order ties, so the graph's stays
+    >>> best_order(g, 2).order  # c reads b; a is free to go anywhere, but no order is better, so none moves
     (0, 1, 2)
     """
     options = dict(max_memory_bytes=max_memory_bytes, in_flight=in_flight, stage_to_rank=stage_to_rank,
