@@ -1,34 +1,40 @@
-"""Calibrate: fit a DeviceSpec (effective FLOP/s, memory bandwidth, per-op overhead, link latency
-and bandwidth) to times measured on this machine.
+"""Calibrate: fit a DeviceSpec (effective FLOP/s, memory bandwidth, per-op overhead, the
+runtime's per-action, per-message and per-step overheads, link latency and bandwidth) to times
+measured on this machine.
 
 The analytic cost model predicts a stage's forward as the sum over its nodes of the roofline
 `max(flops / peak_flops, bytes / bandwidth) + op_overhead`, and its backward the same way
-from the B and W work. A `StageSample` pairs one measured stage run (forward, or the fused
-backward) with the work of every node in it; `fit_compute` finds the three numbers that make
-those sums closest to the measurements, in relative error (so a small model counts as much as
-a large one). It is a grid search on (peak, bandwidth) in log space, with the overhead solved
-in closed form at each point (the prediction is linear in it), then a finer grid around the
-best: no local minimum traps, and about 10 ms of numpy.
+from the B and W work; the simulator adds the runtime's own overheads. The samples come from
+the runtime's measured timeline (`action_samples`): one `StageSample` per stage and action
+kind, pairing the median duration of that action in real pipelined steps with the work of
+every node it ran. `fit_compute` finds the numbers that make the sums (plus one action
+overhead per sample) closest to the measurements, in relative error (so a small model counts as
+much as a large one). It is a grid search on (peak, bandwidth) in log space, with the two
+overheads solved in closed form at each point (the prediction is linear in them), then a finer
+grid around the best: no local minimum traps, and about 10 ms of numpy.
 
-Links are fitted from ping-pong times between two ranks (`ping_pong_ms`): a message of n bytes
-takes `latency + n / bandwidth` one way, a straight line.
+Messages and steps are read off the same timelines (`fit_runtime`): posting a send costs its
+rank the median send action's time, and a step costs the median time between the wall-clock
+step and the span of its actions. Links are fitted from ping-pong times between two ranks
+(`ping_pong_ms`): a message of n bytes takes `latency + n / bandwidth` one way, a straight line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from pipecc.costs import DeviceSpec
 from pipecc.errors import ConfigError
-from pipecc.ir import Captured, Stage
+from pipecc.ir import ActionKind, Captured, Stage
 from pipecc.passes.annotate_costs import NodeWork, annotate_work
-from pipecc.passes.profile import ProfileSettings, measure_stage_times
+from pipecc.passes.simulate import TimedAction
 
 
 @dataclass(frozen=True)
@@ -53,34 +59,74 @@ class ComputeFit:
     memory_bandwidth_bytes_per_s: float
     op_overhead_ms: float
     rms_relative_error: float  # over the samples it was fitted to
+    action_overhead_ms: float = 0.0
 
 
-def stage_samples(label: str, captured: Captured, stages: Sequence[Stage], inputs: Sequence[torch.Tensor],
-                  target: torch.Tensor, num_microbatches: int,
-                  settings: ProfileSettings = ProfileSettings()) -> list[StageSample]:
-    """Two samples per stage (its forward, and its fused backward), measured on real tensors."""
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One pipelined step as the runtime recorded it: every rank's actions, and the wall-clock time
+    of the slowest rank from a common barrier to the end of its step."""
+
+    wall_ms: float
+    events: tuple[TimedAction, ...]
+
+
+@dataclass(frozen=True)
+class RuntimeFit:
+    message_overhead_ms: float
+    step_overhead_ms: float
+
+
+def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
+                   steps: Sequence[MeasuredStep]) -> list[StageSample]:
+    """One sample per stage and compute action kind that ran (F, and BW or B and W): the median of
+    its measured durations over the steps and micro-batches, and the work of its nodes.
+
+    `captured` is the model captured at the steps' micro-batch size (its nodes' work)."""
     works, _, _ = annotate_work(captured)
-    measured = measure_stage_times(stages, inputs, target, num_microbatches, settings)
+    durations: dict[tuple[int, ActionKind], list[float]] = {}
+    for step in steps:
+        for e in step.events:
+            if e.action.kind.is_compute:
+                durations.setdefault((e.action.stage, e.action.kind), []).append(e.end_ms - e.start_ms)
+    mb = captured.microbatch_size
     samples = []
-    for stage, times in zip(stages, measured):
-        nodes = [works[n] for n in stage.node_names if n in works]
-        forward = [(w.flops_forward, w.bytes_forward) for w in nodes]
-        backward = _backward_terms(nodes)
-        mb = captured.microbatch_size
-        samples.append(StageSample(f"{label} stage {stage.index} F (mb {mb})", *_columns(forward), times.forward_ms))
-        samples.append(StageSample(f"{label} stage {stage.index} BW (mb {mb})", *_columns(backward), times.backward_ms))
+    for (stage, kind), times in sorted(durations.items(), key=lambda item: (item[0][0], list(ActionKind).index(item[0][1]))):
+        nodes = [works[n] for n in stages[stage].node_names if n in works]
+        terms = _action_terms(nodes, kind)
+        samples.append(StageSample(f"{label} stage {stage} {kind.name} (mb {mb})", *_columns(terms),
+                                   statistics.median(times)))
     return samples
 
 
-def _backward_terms(nodes: Iterable[NodeWork]) -> list[tuple[int, int]]:
-    """B and W of every node, as node_cost times them (no term where there is no such work)."""
-    terms = []
-    for w in nodes:
-        if w.has_input_grad:
-            terms.append((w.flops_backward_input, w.bytes_backward_input))
-        if w.trainable:
-            terms.append((w.flops_backward_weight, w.bytes_backward_weight))
-    return terms
+def _action_terms(nodes: Sequence[NodeWork], kind: ActionKind) -> list[tuple[int, int]]:
+    """The (flops, bytes) terms node_cost times for `kind` on these nodes (none where there is no such work)."""
+    forward = [(w.flops_forward, w.bytes_forward) for w in nodes]
+    backward_input = [(w.flops_backward_input, w.bytes_backward_input) for w in nodes if w.has_input_grad]
+    backward_weight = [(w.flops_backward_weight, w.bytes_backward_weight) for w in nodes if w.trainable]
+    match kind:
+        case ActionKind.F:
+            return forward
+        case ActionKind.B:
+            return backward_input
+        case ActionKind.W:
+            return backward_weight
+        case ActionKind.BW:
+            return backward_input + backward_weight
+    raise ValueError(f"{kind} is not a compute action")
+
+
+def fit_runtime(steps: Sequence[MeasuredStep]) -> RuntimeFit:
+    """The runtime's message and step overheads, from measured steps (medians: other jobs on a shared
+    machine only ever add time)."""
+    sends = [e.end_ms - e.start_ms for step in steps for e in step.events
+             if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
+    outside = [max(0.0, step.wall_ms - _span_ms(step.events)) for step in steps if step.events]
+    return RuntimeFit(statistics.median(sends) if sends else 0.0, statistics.median(outside) if outside else 0.0)
+
+
+def _span_ms(events: Sequence[TimedAction]) -> float:
+    return max(e.end_ms for e in events) - min(e.start_ms for e in events)
 
 
 def _columns(terms: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -89,12 +135,14 @@ def _columns(terms: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, 
 
 
 def predict_ms(sample: StageSample, device: DeviceSpec) -> float:
-    """The analytic prediction for `sample` on `device`: the same sum split_stages makes."""
-    return sum(device.compute_ms(f, b) for f, b in zip(sample.flops, sample.bytes_moved))
+    """The analytic prediction for `sample` on `device`: the sum split_stages makes, plus the action
+    overhead the simulator adds."""
+    return sum(device.compute_ms(f, b) for f, b in zip(sample.flops, sample.bytes_moved)) + device.action_overhead_ms
 
 
 def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
-    """Peak FLOP/s, bandwidth and per-op overhead minimising the RMS relative error of the samples."""
+    """Peak FLOP/s, bandwidth, per-op and per-action overhead minimising the RMS relative error of
+    the samples."""
     if len(samples) < 3:
         raise ConfigError(f"calibration needs at least 3 stage samples, got {len(samples)}.\n"
                           "Give it more models, stages or micro-batch sizes.")
@@ -104,20 +152,20 @@ def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
     count = np.array([len(s.flops) for s in samples], dtype=np.float64)
     log_peak, log_bw = np.log10(1e8), np.log10(1e8)
     span = 5.0
-    for step in range(3):  # a coarse grid over 5 decades, then two finer ones around the best point
+    for step in range(4):  # a coarse grid over 5 decades, then three finer ones around the best point
         peaks = 10 ** np.linspace(log_peak - (span if step else 0), log_peak + span, 41)
         bws = 10 ** np.linspace(log_bw - (span if step else 0), log_bw + span, 41)
         best = _best_on_grid(samples, measured, count, peaks, bws)
         log_peak, log_bw = np.log10(best[0]), np.log10(best[1])
         span = span / 8 if step else 0.5
-    peak, bw, overhead, error = _best_on_grid(samples, measured, count, np.array([10 ** log_peak]),
-                                              np.array([10 ** log_bw]))
-    return ComputeFit(float(peak), float(bw), float(overhead), float(error))
+    peak, bw, op, action, error = _best_on_grid(samples, measured, count, np.array([10 ** log_peak]),
+                                                np.array([10 ** log_bw]))
+    return ComputeFit(float(peak), float(bw), float(op), float(error), float(action))
 
 
 def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: np.ndarray, peaks: np.ndarray,
-                  bws: np.ndarray) -> tuple[float, float, float, float]:
-    """(peak, bandwidth, overhead, rms relative error) of the best grid point."""
+                  bws: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(peak, bandwidth, op overhead, action overhead, rms relative error) of the best grid point."""
     # roofline[s, i, j]: sample s's summed max(flops/peak_i, bytes/bw_j) in ms
     roofline = np.zeros((len(samples), len(peaks), len(bws)))
     for k, s in enumerate(samples):
@@ -126,13 +174,41 @@ def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: n
         f = np.array(s.flops, dtype=np.float64)[:, None, None] / peaks[None, :, None]
         b = np.array(s.bytes_moved, dtype=np.float64)[:, None, None] / bws[None, None, :]
         roofline[k] = np.maximum(f, b).sum(axis=0) * 1e3
-    # relative residual (m - r - n*o)/m: least squares in o is a weighted mean, clipped at 0
-    w = 1.0 / measured**2
-    residual = (measured[:, None, None] - roofline)
-    overhead = np.maximum(0.0, ((w * count)[:, None, None] * residual).sum(0) / max((w * count**2).sum(), 1e-30))
-    error = np.sqrt((((residual - count[:, None, None] * overhead[None]) / measured[:, None, None]) ** 2).mean(0))
+    residual = measured[:, None, None] - roofline
+    op, action, error = _overheads(residual, measured, count)
     i, j = np.unravel_index(np.argmin(error), error.shape)
-    return peaks[i], bws[j], overhead[i, j], error[i, j]
+    return peaks[i], bws[j], op[i, j], action[i, j], error[i, j]
+
+
+def _overheads(residual: np.ndarray, measured: np.ndarray, count: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At every grid point, the per-op overhead o >= 0 and per-action overhead a >= 0 minimising the
+    RMS of (residual - count*o - a) / measured, and that RMS. Weighted least squares in two
+    unknowns: the unconstrained solution where both are >= 0, else the best with one (or both) at 0.
+
+    >>> m = np.array([3.0, 5.0, 9.0]); n = np.array([1.0, 2.0, 4.0])
+    >>> o, a, err = _overheads((m - 0.0)[:, None, None], m, n)  # measured = 2*n + 1
+    >>> round(float(o[0, 0]), 6), round(float(a[0, 0]), 6), round(float(err[0, 0]), 6)
+    (2.0, 1.0, 0.0)
+    """
+    w = (1.0 / measured**2)[:, None, None]
+    c = count[:, None, None]
+    s_cc, s_c, s_1 = (w * c * c).sum(0), (w * c).sum(0), w.sum(0)
+    s_cr, s_r = (w * c * residual).sum(0), (w * residual).sum(0)
+    det = s_cc * s_1 - s_c**2
+    safe = np.where(np.abs(det) > 1e-30, det, np.inf)
+    candidates = [((s_cr * s_1 - s_c * s_r) / safe, (s_cc * s_r - s_c * s_cr) / safe),  # both free
+                  (s_cr / np.maximum(s_cc, 1e-30), np.zeros_like(s_r)),  # action overhead 0
+                  (np.zeros_like(s_r), s_r / np.maximum(s_1, 1e-30)),  # op overhead 0
+                  (np.zeros_like(s_r), np.zeros_like(s_r))]
+    best_error = np.full(residual.shape[1:], np.inf)
+    best_op, best_action = np.zeros_like(best_error), np.zeros_like(best_error)
+    for op, action in candidates:
+        error = np.sqrt((((residual - c * op[None] - action[None]) / measured[:, None, None]) ** 2).mean(0))
+        better = (op >= 0) & (action >= 0) & (error < best_error)
+        best_error = np.where(better, error, best_error)
+        best_op, best_action = np.where(better, op, best_op), np.where(better, action, best_action)
+    return best_op, best_action, best_error
 
 
 def ping_pong_ms(sizes_bytes: Sequence[int], *, repeats: int = 20, peer: int = 1) -> list[LinkSample]:
@@ -173,11 +249,15 @@ def fit_link(samples: Sequence[LinkSample]) -> tuple[float, float]:
 
 
 def calibrated_device(base: DeviceSpec, name: str, compute: ComputeFit,
-                      link: tuple[float, float] | None) -> DeviceSpec:
-    """`base` with the fitted numbers; link fields kept from `base` when `link` is None."""
+                      link: tuple[float, float] | None, runtime: RuntimeFit | None = None) -> DeviceSpec:
+    """`base` with the fitted numbers; link fields (and the runtime's overheads) kept from `base`
+    when `link` (`runtime`) is None."""
     spec = dataclasses.replace(base, name=name, peak_flops=compute.peak_flops,
                                memory_bandwidth_bytes_per_s=compute.memory_bandwidth_bytes_per_s,
-                               op_overhead_ms=compute.op_overhead_ms)
+                               op_overhead_ms=compute.op_overhead_ms, action_overhead_ms=compute.action_overhead_ms)
+    if runtime is not None:
+        spec = dataclasses.replace(spec, message_overhead_ms=runtime.message_overhead_ms,
+                                   step_overhead_ms=runtime.step_overhead_ms)
     if link is not None:
         spec = dataclasses.replace(spec, link_latency_ms=link[0], link_bandwidth_bytes_per_s=link[1])
     return spec

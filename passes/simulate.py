@@ -12,6 +12,13 @@ Communication: a message crosses the link only between stages on different ranks
 adds no send between stages of one rank); its time is the link latency per tensor plus bytes
 over bandwidth (DeviceSpec.transfer_ms), and it delays the receiving action, so on the steady
 state critical path every hop pays it.
+
+The runtime's own costs (StageCost.action_overhead_ms, message_overhead_ms, step_overhead_ms;
+0 unless the device spec was calibrated): every compute action takes its overhead on top of
+its ops; posting a send or a receive occupies its rank for the message overhead (a send's
+message leaves when it is posted); and the step ends the step overhead after the last action
+(the runtime's work outside the actions: splitting the batch, waiting for the last sends,
+summing tied weights' gradients).
 """
 
 from __future__ import annotations
@@ -79,16 +86,17 @@ class Timeline:
 
 
 def action_ms(action: Action, cost: StageCost) -> float:
-    """Time a compute action occupies its rank, or a message takes on the link."""
+    """Time a compute action occupies its rank (its runtime overhead included), or a message
+    takes on the link."""
     match action.kind:
         case ActionKind.F:
-            return cost.forward_ms
+            return cost.forward_ms + cost.action_overhead_ms
         case ActionKind.B:
-            return cost.backward_input_ms
+            return cost.backward_input_ms + cost.action_overhead_ms
         case ActionKind.W:
-            return cost.backward_weight_ms
+            return cost.backward_weight_ms + cost.action_overhead_ms
         case ActionKind.BW:
-            return cost.backward_input_ms + cost.backward_weight_ms
+            return cost.backward_input_ms + cost.backward_weight_ms + cost.action_overhead_ms
         case ActionKind.SEND_F:
             return cost.send_forward_ms
         case ActionKind.SEND_B:
@@ -112,12 +120,14 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
         cost = costs[action.stage]
         start = clock[rank]
         end = start
+        posted = start + cost.message_overhead_ms
         if action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
             arrival[(action.kind, action.stage, action.microbatch)] = start + action_ms(action, cost)
+            end = posted
         elif action.kind is ActionKind.RECV_F:
-            end = max(start, arrival[(ActionKind.SEND_F, action.stage - 1, action.microbatch)])
+            end = max(posted, arrival[(ActionKind.SEND_F, action.stage - 1, action.microbatch)])
         elif action.kind is ActionKind.RECV_B:
-            end = max(start, arrival[(ActionKind.SEND_B, action.stage + 1, action.microbatch)])
+            end = max(posted, arrival[(ActionKind.SEND_B, action.stage + 1, action.microbatch)])
         else:
             end = start + action_ms(action, cost)
         clock[rank] = end
@@ -126,7 +136,8 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
     for e in events:
         if e.action.kind.is_compute:
             busy[e.rank] += e.end_ms - e.start_ms
-    return Timeline(tuple(events), max(clock), tuple(busy), _peak_memory(schedule, events, costs))
+    step_overhead_ms = max((c.step_overhead_ms for c in costs), default=0.0)
+    return Timeline(tuple(events), max(clock) + step_overhead_ms, tuple(busy), _peak_memory(schedule, events, costs))
 
 
 def measured_timeline(schedule: Schedule, events: Sequence[TimedAction], costs: Sequence[StageCost]) -> Timeline:

@@ -144,6 +144,9 @@ def _stage_cost(problem: PartitionProblem, costs: CostTable, start: int, stop: i
         saved_bytes=sum(problem.saved_bytes[start:stop]) + problem.activation_bytes(start),
         memory_bytes=problem.stage_memory_bytes(start, stop, in_flight),
         comm_ms=problem.link_ms(start, place.link_in) + problem.link_ms(stop, place.link_out),
+        action_overhead_ms=problem.device.action_overhead_ms / speed,
+        message_overhead_ms=problem.device.message_overhead_ms,
+        step_overhead_ms=problem.device.step_overhead_ms,
     )
 
 

@@ -265,7 +265,9 @@ class StageFormulas:
             backward_input_ms=num(self.backward_input_ms), backward_weight_ms=num(self.backward_weight_ms),
             send_forward_ms=num(self.send_forward_ms), send_backward_ms=num(self.send_backward_ms),
             bytes_to_next=count(self.bytes_to_next), saved_bytes=count(self.saved_bytes),
-            memory_bytes=count(self.memory_bytes), comm_ms=num(self.comm_ms))
+            memory_bytes=count(self.memory_bytes), comm_ms=num(self.comm_ms),
+            action_overhead_ms=like.action_overhead_ms, message_overhead_ms=like.message_overhead_ms,
+            step_overhead_ms=like.step_overhead_ms)
 
 
 def stage_formulas(costs: SymbolicCosts, stages: Sequence[Stage], in_flight: Sequence[int]) -> tuple[StageFormulas, ...]:

@@ -1,9 +1,10 @@
 """Calibration runs: measure this machine, fit a device spec, and compare predicted with measured
 steps over real gloo ranks. Behind `pipecc calibrate` and benchmarks/calibration.py.
 
-The fitting itself is `pipecc.passes.calibrate`; this module launches what it needs (example
-models compiled and timed stage by stage in this process; a ping-pong and pipelined steps on
-local gloo ranks, one intra-op thread each, as `pipecc run` trains).
+The fitting itself is `pipecc.passes.calibrate`; this module launches what it needs: pipelined
+1F1B steps of the given models on local gloo ranks, one intra-op thread each as `pipecc run`
+trains, with the runtime's timeline recorded (the samples the device spec is fitted to), and a
+ping-pong for the link.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import torch
 
 from pipecc.costs import DeviceSpec, resolve_device
 from pipecc.errors import ConfigError
-from pipecc.passes.calibrate import (ComputeFit, LinkSample, StageSample, calibrated_device, fit_compute, fit_link,
-                                     ping_pong_ms, predict_ms, stage_samples)
+from pipecc.passes.calibrate import (ComputeFit, LinkSample, MeasuredStep, RuntimeFit, StageSample, action_samples,
+                                     calibrated_device, fit_compute, fit_link, fit_runtime, ping_pong_ms, predict_ms)
 from pipecc.passes.capture import capture
-from pipecc.passes.profile import ProfileSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,17 @@ class Calibration:
 
     device: DeviceSpec
     compute: ComputeFit
+    runtime: RuntimeFit
     samples: tuple[StageSample, ...]
     link_samples: tuple[LinkSample, ...]
 
     def summary(self) -> str:
         d = self.device
         return (f"fitted {d.name!r}: {d.peak_flops / 1e9:.2f} GFLOP/s, memory {d.memory_bandwidth_bytes_per_s / 1e9:.3f} GB/s, "
-                f"op overhead {d.op_overhead_ms * 1e3:.1f} us, link latency {d.link_latency_ms * 1e3:.1f} us, "
-                f"link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; RMS relative error over "
-                f"{len(self.samples)} stage runs {100 * self.compute.rms_relative_error:.1f}%")
+                f"op overhead {d.op_overhead_ms * 1e3:.1f} us, action overhead {d.action_overhead_ms * 1e3:.0f} us, "
+                f"message overhead {d.message_overhead_ms * 1e3:.0f} us, step overhead {d.step_overhead_ms:.2f} ms, "
+                f"link latency {d.link_latency_ms * 1e3:.1f} us, link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
+                f"RMS relative error over {len(self.samples)} measured actions {100 * self.compute.rms_relative_error:.1f}%")
 
 
 def _build(model_spec: str) -> tuple:
@@ -53,20 +55,28 @@ def _build(model_spec: str) -> tuple:
     return build_model(model_spec)
 
 
-def collect_samples(model_specs: Sequence[str], *, num_stages: int = 2, microbatch_counts: Sequence[int] = (2, 4),
-                    settings: ProfileSettings = ProfileSettings()) -> list[StageSample]:
-    """Forward and backward of every stage of every model, compiled at each micro-batch count, timed."""
-    import pipecc
+CALIBRATION_SCHEDULE = "1f1b"  # what the samples are measured on; other schedules are then predicted
+
+
+def collect_samples(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4), num_steps: int = 5,
+                    num_ranks: int = 2) -> tuple[list[StageSample], list[MeasuredStep]]:
+    """Every stage's F and BW actions of every model, in measured 1F1B steps on `num_ranks` gloo
+    ranks at each micro-batch count (partitioned with the `cpu` preset); and the steps themselves."""
+    from pipecc.runtime.launch import spawn_local
 
     samples: list[StageSample] = []
+    steps: list[MeasuredStep] = []
     for spec in model_specs:
-        model, inputs, loss_fn, target = _build(spec)
-        for m in microbatch_counts:
-            plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=num_stages,
-                                  num_microbatches=m)
-            captured = capture(model, inputs, loss_fn, target, num_microbatches=m)
-            samples += stage_samples(_label(spec), captured, plan.stages, inputs, target, m, settings)
-    return samples
+        model, inputs, loss_fn, target = _build(spec)  # a bad MODEL fails here, before any rank starts
+        variants = tuple(Variant(CALIBRATION_SCHEDULE, "cpu", num_microbatches=m) for m in microbatch_counts)
+        measured = spawn_local(_steps_rank, num_ranks, spec, variants, num_steps, num_ranks, True)[0]
+        for variant, runs in zip(variants, measured):
+            plan = compile_variant(spec, variant, num_ranks)[0]
+            captured = capture(model, inputs, loss_fn, target, num_microbatches=variant.num_microbatches)
+            recorded = [MeasuredStep(run.wall_ms, run.events) for run in runs]
+            samples += action_samples(_label(spec), captured, plan.stages, recorded)
+            steps += recorded
+    return samples, steps
 
 
 def _label(model_spec: str) -> str:
@@ -85,20 +95,22 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 
 
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
-              measure_links: bool = True, settings: ProfileSettings = ProfileSettings()) -> Calibration:
-    """Fit a DeviceSpec to stage runs of `model_specs` on this machine (and to gloo ping-pongs)."""
+              measure_links: bool = True, num_steps: int = 5) -> Calibration:
+    """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
+    ranks of this machine (and to gloo ping-pongs)."""
     if not model_specs:
         raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
-    samples = collect_samples(model_specs, settings=settings)
+    samples, steps = collect_samples(model_specs, num_steps=num_steps)
     compute = fit_compute(samples)
+    runtime = fit_runtime(steps)
     links = measure_link() if measure_links else []
-    device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None)
-    return Calibration(device, compute, tuple(samples), tuple(links))
+    device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None, runtime)
+    return Calibration(device, compute, runtime, tuple(samples), tuple(links))
 
 
 def format_samples(calibration: Calibration, base: DeviceSpec) -> str:
-    """Per stage run (its forward, or its fused backward): measured vs predicted, before and after the fit."""
-    lines = [f"{'stage run':34s} {'measured':>9s} {base.name:>12s} {'err':>6s} {calibration.device.name:>12s} {'err':>6s}"]
+    """Per stage and action kind: its measured median time vs predicted, before and after the fit."""
+    lines = [f"{'action':34s} {'measured':>9s} {base.name:>12s} {'err':>6s} {calibration.device.name:>12s} {'err':>6s}"]
     for s in calibration.samples:
         before, after = predict_ms(s, base), predict_ms(s, calibration.device)
         lines.append(f"{s.label:34s} {s.measured_ms:9.3f} {before:12.3f} {100 * (before / s.measured_ms - 1):+5.0f}% "
@@ -159,15 +171,25 @@ def compile_variant(model_spec: str, variant: Variant, num_ranks: int):  # -> (P
     return plan, inputs, target
 
 
-def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int,
-                num_ranks: int) -> list[list[tuple[float, float]]]:
+@dataclass(frozen=True)
+class StepRun:
+    """One measured step: the slowest rank's wall-clock time and the busiest rank's CPU time (ms), and
+    every rank's recorded actions when the timeline was recorded."""
+
+    wall_ms: float
+    cpu_ms: float
+    events: tuple = ()  # tuple[TimedAction, ...]
+
+
+def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int,
+                record_timeline: bool = False) -> list[list[StepRun]]:
     """On each rank: every variant's plan, stepped round-robin (so load spikes hit all alike);
-    per variant and step, the slowest rank's wall-clock time and the busiest rank's CPU time."""
+    per variant, its measured steps after one warm-up step."""
     import torch.distributed as dist
 
     runs = [compile_variant(model_spec, v, num_ranks) for v in variants]
-    runners = [plan.runner() for plan, _, _ in runs]
-    times: list[list[tuple[float, float]]] = [[] for _ in variants]
+    runners = [plan.runner(record_timeline=record_timeline) for plan, _, _ in runs]
+    times: list[list[StepRun]] = [[] for _ in variants]
     for step in range(num_steps + 1):
         for k, (runner, (_, inputs, target)) in enumerate(zip(runners, runs)):
             dist.barrier()
@@ -175,8 +197,9 @@ def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int,
             runner.step(*inputs, target=target)
             elapsed = torch.tensor([(time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3])
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            events = runner.gather_events() if record_timeline else ()
             if step > 0:  # the first step warms up allocators and connections
-                times[k].append((float(elapsed[0]), float(elapsed[1])))
+                times[k].append(StepRun(float(elapsed[0]), float(elapsed[1]), tuple(events)))
     return times
 
 
@@ -187,8 +210,8 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
 
     predicted = [compile_variant(model_spec, v, num_ranks)[0].simulate() for v in variants]
     times = spawn_local(_steps_rank, num_ranks, model_spec, tuple(variants), num_steps, num_ranks)[0]
-    return [StepComparison(v, p.step_time_ms, statistics.median(w for w, _ in t), max(p.busy_ms),
-                           statistics.median(c for _, c in t))
+    return [StepComparison(v, p.step_time_ms, statistics.median(r.wall_ms for r in t), max(p.busy_ms),
+                           statistics.median(r.cpu_ms for r in t))
             for v, p, t in zip(variants, predicted, times)]
 
 

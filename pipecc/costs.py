@@ -30,10 +30,16 @@ class DeviceSpec:
     link_latency_ms: float  # per message
     memory_capacity_bytes: int
     op_overhead_ms: float  # fixed cost per graph node (dispatch, kernel launch)
+    # The runtime's own costs on this device, beyond the graph's ops (0 in the presets; `pipecc
+    # calibrate` fits them from measured pipelined steps). Only the simulator charges them.
+    action_overhead_ms: float = 0.0  # per compute action (F, B, W, BW): argument plumbing, autograd set-up
+    message_overhead_ms: float = 0.0  # CPU time of posting one send or receive, on its rank's clock
+    step_overhead_ms: float = 0.0  # per step, outside the actions: splitting the batch, waiting for sends
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bandwidth_bytes_per_s", "link_bandwidth_bytes_per_s",
-                     "memory_capacity_bytes", "link_latency_ms", "op_overhead_ms"):
+                     "memory_capacity_bytes", "link_latency_ms", "op_overhead_ms", "action_overhead_ms",
+                     "message_overhead_ms", "step_overhead_ms"):
             value = getattr(self, name)
             may_be_zero = name.endswith("_ms")  # a latency or a per-op overhead may be 0; rates may not
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -99,6 +99,11 @@ class StageCost:
     saved_bytes: int  # activations kept per in-flight micro-batch
     memory_bytes: int  # weights + grads + in-flight activations under the plan's schedule
     comm_ms: float  # moving activations and gradients across both of its boundaries
+    # The runtime's own costs on this stage's rank (DeviceSpec fields of the same names): the
+    # simulator charges them, the partitioner does not (they are about the same on every stage).
+    action_overhead_ms: float = 0.0
+    message_overhead_ms: float = 0.0
+    step_overhead_ms: float = 0.0
 
     @property
     def compute_ms(self) -> float:

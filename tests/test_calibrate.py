@@ -1,9 +1,11 @@
-"""Calibration: fitting a device spec to measured stage runs and link ping-pongs."""
+"""Calibration: fitting a device spec to the runtime's measured actions and steps, and link ping-pongs."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -13,15 +15,15 @@ from examples import gpt
 from pipecc.calibration import write_device
 from pipecc.costs import DeviceSpec, resolve_device
 from pipecc.errors import ConfigError
-from pipecc.passes.calibrate import (ComputeFit, LinkSample, StageSample, calibrated_device, fit_compute, fit_link,
-                                     ping_pong_ms, predict_ms, stage_samples)
+from pipecc.ir import Action, ActionKind
+from pipecc.passes.calibrate import (ComputeFit, LinkSample, MeasuredStep, RuntimeFit, StageSample, action_samples,
+                                     calibrated_device, fit_compute, fit_link, fit_runtime, ping_pong_ms, predict_ms)
 from pipecc.passes.capture import capture
-from pipecc.passes.profile import ProfileSettings
+from pipecc.passes.simulate import TimedAction
 from pipecc.testing import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = DeviceSpec.preset("cpu")
-FAST = ProfileSettings(warmup=1, repeats=3, min_sample_ms=0.05, progress_after_s=None)
 
 
 def _synthetic_samples(truth: DeviceSpec, num_samples: int = 24, seed: int = 0) -> list[StageSample]:
@@ -39,12 +41,15 @@ def _synthetic_samples(truth: DeviceSpec, num_samples: int = 24, seed: int = 0) 
     return samples
 
 
-def test_fit_recovers_the_device_that_produced_the_times() -> None:
-    truth = dataclasses.replace(CPU, peak_flops=20e9, memory_bandwidth_bytes_per_s=0.8e9, op_overhead_ms=0.03)
+@pytest.mark.parametrize("action_overhead_ms", [0.0, 0.2])
+def test_fit_recovers_the_device_that_produced_the_times(action_overhead_ms: float) -> None:
+    truth = dataclasses.replace(CPU, peak_flops=20e9, memory_bandwidth_bytes_per_s=0.8e9, op_overhead_ms=0.03,
+                                action_overhead_ms=action_overhead_ms)
     fit = fit_compute(_synthetic_samples(truth))
     assert fit.peak_flops == pytest.approx(truth.peak_flops, rel=0.03)
     assert fit.memory_bandwidth_bytes_per_s == pytest.approx(truth.memory_bandwidth_bytes_per_s, rel=0.03)
     assert fit.op_overhead_ms == pytest.approx(truth.op_overhead_ms, rel=0.1, abs=2e-3)
+    assert fit.action_overhead_ms == pytest.approx(action_overhead_ms, abs=0.02)
     assert fit.rms_relative_error < 0.02
     # and the preset, a wrong guess for these "measurements", is far off
     assert max(abs(predict_ms(s, CPU) / s.measured_ms - 1) for s in _synthetic_samples(truth)) > 0.5
@@ -63,25 +68,65 @@ def test_link_fit_is_the_line_through_the_ping_pongs() -> None:
     assert fitted_bandwidth == pytest.approx(bandwidth, rel=1e-6)
 
 
-def test_stage_samples_predict_what_the_plan_predicts() -> None:
-    """A sample's roofline sum on a device is the stage time split_stages computed on it: the fit
-    adjusts exactly the numbers the partitioner and the simulator use."""
+def test_action_samples_predict_what_the_plan_predicts() -> None:
+    """A sample is one stage's action kind in a measured step, and its roofline sum on a device is the
+    time split_stages computed on it: the fit adjusts exactly the numbers the partitioner and the
+    simulator use."""
     model, inputs, loss_fn, target = gpt.build(batch_size=4, vocab_size=64, d_model=16, n_layers=2, n_heads=2, seq_len=8)
     plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=2)
     captured = capture(model, inputs, loss_fn, target, num_microbatches=2)
-    samples = stage_samples("gpt", captured, plan.stages, inputs, target, 2, FAST)
+    steps = [MeasuredStep(0.0, plan.measure_local(*inputs, target=target)[1]) for _ in range(3)]
+    samples = action_samples("gpt", captured, plan.stages, steps)
     assert [s.label for s in samples] == ["gpt stage 0 F (mb 2)", "gpt stage 0 BW (mb 2)",
                                           "gpt stage 1 F (mb 2)", "gpt stage 1 BW (mb 2)"]
     for stage, (forward, backward) in zip(plan.stages, zip(samples[::2], samples[1::2])):
         assert predict_ms(forward, CPU) == pytest.approx(stage.cost.forward_ms, rel=1e-9)
         assert predict_ms(backward, CPU) == pytest.approx(stage.cost.backward_input_ms + stage.cost.backward_weight_ms,
                                                           rel=1e-9)
-        assert forward.measured_ms > 0 and backward.measured_ms > 0
+        measured = [e.end_ms - e.start_ms for step in steps for e in step.events
+                    if e.action.stage == stage.index and e.action.kind is ActionKind.F]
+        assert len(measured) == 6 and forward.measured_ms == pytest.approx(statistics.median(measured))
+
+
+def test_split_backward_samples_time_b_and_w_apart() -> None:
+    model, inputs, loss_fn, target = gpt.build(batch_size=4, vocab_size=64, d_model=16, n_layers=2, n_heads=2, seq_len=8)
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=2,
+                          schedule="zb-h1")
+    captured = capture(model, inputs, loss_fn, target, num_microbatches=2)
+    samples = action_samples("gpt", captured, plan.stages, [MeasuredStep(0.0, plan.measure_local(*inputs, target=target)[1])])
+    assert [s.label for s in samples[:3]] == ["gpt stage 0 F (mb 2)", "gpt stage 0 B (mb 2)", "gpt stage 0 W (mb 2)"]
+    assert predict_ms(samples[1], CPU) == pytest.approx(plan.stages[0].cost.backward_input_ms, rel=1e-9)
+    assert predict_ms(samples[2], CPU) == pytest.approx(plan.stages[0].cost.backward_weight_ms, rel=1e-9)
+
+
+def _event(rank: int, kind: ActionKind, start: float, end: float) -> TimedAction:
+    return TimedAction(rank, Action(rank, kind, 0), start, end)
+
+
+def test_runtime_fit_reads_messages_and_steps_off_the_timeline() -> None:
+    steps = [MeasuredStep(wall, (_event(0, ActionKind.F, 1.0, 3.0), _event(0, ActionKind.SEND_F, 3.0, 3.0 + send),
+                                 _event(1, ActionKind.BW, 4.0, 7.0), _event(1, ActionKind.SEND_B, 7.0, 7.0 + send)))
+             for wall, send in [(7.5, 0.1), (9.0, 0.2), (8.0, 0.3)]]  # spans 6.1, 6.2, 6.3 ms
+    fit = fit_runtime(steps)
+    assert fit.message_overhead_ms == pytest.approx(0.2)  # the median send
+    assert fit.step_overhead_ms == pytest.approx(1.7)  # the median of 1.4, 2.8 and 1.7 ms outside the actions
+    device = calibrated_device(CPU, "x", ComputeFit(1e9, 1e9, 0.0, 0.0, 0.3), None, fit)
+    assert (device.action_overhead_ms, device.message_overhead_ms, device.step_overhead_ms) == (0.3, fit.message_overhead_ms,
+                                                                                                fit.step_overhead_ms)
+
+
+def test_a_device_json_from_before_the_runtime_overheads_still_loads(tmp_path: Path) -> None:
+    fields = {k: v for k, v in CPU.to_json().items() if not k.endswith(("action_overhead_ms", "message_overhead_ms",
+                                                                        "step_overhead_ms"))}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(fields))
+    assert resolve_device(str(path)) == CPU
 
 
 def test_fitted_device_is_a_device_json_that_compile_accepts(tmp_path: Path) -> None:
-    fit = ComputeFit(peak_flops=12e9, memory_bandwidth_bytes_per_s=0.7e9, op_overhead_ms=0.02, rms_relative_error=0.1)
-    device = calibrated_device(CPU, "this-cpu", fit, link=(0.08, 1.2e9))
+    fit = ComputeFit(peak_flops=12e9, memory_bandwidth_bytes_per_s=0.7e9, op_overhead_ms=0.02, rms_relative_error=0.1,
+                     action_overhead_ms=0.1)
+    device = calibrated_device(CPU, "this-cpu", fit, link=(0.08, 1.2e9), runtime=RuntimeFit(0.05, 0.5))
     path = write_device(device, tmp_path / "device.json")
     assert resolve_device(str(path)) == device
     assert (device.link_latency_ms, device.memory_capacity_bytes) == (0.08, CPU.memory_capacity_bytes)

@@ -136,6 +136,23 @@ def test_same_rank_boundaries_cost_no_link_time() -> None:
     assert simulate(schedule, slow_cross).step_time_ms >= base + 5.0
 
 
+def test_runtime_overheads_of_a_calibrated_device() -> None:
+    """gpipe on 2 ranks, 1 micro-batch, F = B = W = 1, link 0.5: every compute action pays 0.25 more,
+    posting a send or receive 0.1, and the step ends 2.0 after the last action.
+    rank 0: F 0-1.25, send 1.25-1.35 (arrives 1.75), receive 1.35-5.75 (waits), BW 5.75-8.0;
+    rank 1: receive 0-1.75, F 1.75-3.0, BW 3.0-5.25, send 5.25-5.35 (arrives 5.75)."""
+    cost = replace(UNIT, send_forward_ms=0.5, send_backward_ms=0.5, action_overhead_ms=0.25,
+                   message_overhead_ms=0.1, step_overhead_ms=2.0)
+    timeline = simulate(SCHEDULES["gpipe"].build(2, 1), [cost, cost])
+    assert timeline.step_time_ms == pytest.approx(8.0 + 2.0)
+    assert timeline.busy_ms == pytest.approx((3.5, 3.5))
+    sends = [e for e in timeline.events if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
+    assert [e.end_ms - e.start_ms for e in sends] == pytest.approx([0.1, 0.1])
+    # a split backward pays the overhead once more per micro-batch: one more action
+    split = simulate(SCHEDULES["zb-h1"].build(2, 1), [cost, cost])
+    assert split.busy_ms == pytest.approx((3.75, 3.75))
+
+
 costs = st.builds(lambda f, b, w, s: replace(UNIT, forward_ms=f, backward_input_ms=b, backward_weight_ms=w,
                                               send_forward_ms=s, send_backward_ms=s),
                   *(st.floats(0.01, 5.0) for _ in range(3)), st.floats(0.0, 1.0))
