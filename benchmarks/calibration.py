@@ -1,10 +1,11 @@
 """Calibration benchmark: predicted vs measured step time per model and schedule, 2 gloo ranks.
 
-    python benchmarks/calibration.py                      # all examples, gpipe and 1f1b
+    python benchmarks/calibration.py                      # all examples, gpipe, 1f1b and zb-h1
     python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5
 
-1. Fits a device spec to this machine (`pipecc.calibration.calibrate`: stage runs of the
-   examples, gloo ping-pong) and writes it as JSON.
+1. Fits a device spec to this machine (`pipecc.calibration.calibrate`: the recorded actions
+   and steps of 1F1B runs of the examples (--fit-models) on 2 gloo ranks, gloo ping-pong) and
+   writes it as JSON. Other schedules, and models left out of --fit-models, are out of sample.
 2. Profile consistency: per stage, the sum of the profiled node times (cost_model="profile")
    against one whole-stage run (forward + backward), as a ratio.
 3. For every model and schedule, compiles three plans (the `cpu` preset, the fitted spec, and
@@ -62,7 +63,10 @@ def profile_consistency(names: list[str], cache_dir: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    parser.add_argument("--fit-models", nargs="+", default=None, choices=MODELS,
+                        help="models whose 1F1B steps the spec is fitted to (default: --models); others are "
+                             "then predicted out of sample")
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1"])
     parser.add_argument("--steps", type=int, default=5, help="measured steps per plan (after one warm-up)")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--device-out", default=None, help="where to write the fitted device JSON")
@@ -78,7 +82,7 @@ def main() -> int:
     device_path = args.device_out or os.path.join(work, "device.json")
 
     start = time.perf_counter()
-    calibration = calibrate([spec_of(m) for m in args.models])
+    calibration = calibrate([spec_of(m) for m in args.fit_models or args.models])
     write_device(calibration.device, device_path)
     print(f"calibration took {time.perf_counter() - start:.1f} s; {calibration.summary()}")
     print(f"device JSON: {device_path}")
