@@ -112,6 +112,8 @@ def node_work(node: fx.Node, tensors: dict[str, torch.Tensor], work: _Work, valu
 
 
 def _value_bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):  # nearly every value: no pytree walk
+        return value.numel() * value.element_size()
     return sum(t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, torch.Tensor))
 
 

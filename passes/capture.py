@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 from torch.fx.experimental.symbolic_shapes import uninteresting_files
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.utils.stateless import _reparametrize_module
@@ -172,7 +173,8 @@ def _trace_fx(model: nn.Module, loss_fn: LossFn, inputs: tuple[torch.Tensor, ...
         raise ConfigError(f"loss_fn returned {type(loss).__name__}, not a tensor computed from the model output.\n"
                           "Return the loss tensor itself (no .item(), no float()), e.g. F.mse_loss(output, target).")
     graph.output(loss.node)
-    gm = fx.GraphModule(model, graph)
+    with _use_lazy_graph_module(True):  # its Python code is made when first run or read: passes only read the graph
+        gm = _make_graph_module(model, graph)
     if unused:
         # Dropping the concrete_args guards can leave their inputs dead. DCE needs the owning
         # module (to tell impure call_module nodes), so it runs on the GraphModule, not the Graph.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from torch import fx
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 
 from pipecc.cluster import Cluster
 from pipecc.costs import CostTable
@@ -112,7 +113,8 @@ def _stage_module(captured: Captured, partition: Partition, stage: int, received
     for node in members:
         env[node] = graph.node_copy(node, lookup)
     graph.output(tuple(lookup(n) for n in sent))
-    module = fx.GraphModule(gm, graph, class_name=f"Stage{stage}")
+    with _use_lazy_graph_module(True):  # its Python code is made when first run or read (codegen makes its own)
+        module = _make_graph_module(gm, graph, class_name=f"Stage{stage}")
     return module, tuple(inputs)
 
 
