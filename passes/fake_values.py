@@ -2,9 +2,9 @@
 
 A call whose output metadata is a pure function of what it reads (the op, the module's settings and
 parameter metadata, the shape / stride / dtype / device / requires_grad of its tensor arguments, and
-its constant arguments) is run once per signature; later calls with the same signature get a fresh
-fake tensor of the recorded metadata (about 40 us instead of 0.3 to 1 ms of FakeTensorMode dispatch
-per op; 100k-node graphs are ~99% repeats, benchmarks/compile_scaling.py).
+its constant arguments) is run once per signature; later calls with the same signature get a
+stand-in of the recorded metadata (tens of microseconds instead of 0.3 to 1 ms of FakeTensorMode
+dispatch per op; the synthetic graphs of benchmarks/compile_scaling.py are 99.9% repeats).
 
 What is never shared, because one run would not tell the next: calls that write into their inputs
 (in place, out=), calls whose output aliases an input (views, `contiguous` of a contiguous tensor),
@@ -12,11 +12,14 @@ a new leaf that requires grad, outputs other than one tensor or an immutable con
 functions and user modules (arbitrary Python), modules with hooks, and arguments pipecc cannot
 describe exactly. Those run through FakeTensorMode every time.
 
-A memoised tensor output is a stand-in: a fresh leaf fake tensor that is also the node's meta["val"],
-with the requires_grad of the real output kept beside it. A call that must really run gets
-`materialised` inputs instead: a detached alias of the stand-in (as FakeTensorProp's meta["val"] is
-of its value), a non-leaf when the real output required grad, so that in-place ops and views behave
-as on the real output.
+A memoised tensor output is a stand-in: one leaf fake tensor per signature, which is also the
+meta["val"] of every node with that signature (passes read a meta["val"]'s metadata only: shape,
+stride, dtype, device, size in bytes; none writes into one or compares storages), with the
+requires_grad of the real output kept beside it. A fake tensor per node would cost as much again
+as the rest of memoised propagation. A call that must really run gets `materialised` inputs
+instead: a fake tensor of the same metadata with a storage of its own (as distinct real outputs
+have), a non-leaf when the real output required grad, so that in-place ops, views and overlap
+checks behave as on the real outputs.
 """
 
 from __future__ import annotations
@@ -65,13 +68,12 @@ class _Recorded:
 
 
 class _Computed(torch.autograd.Function):
-    """A stand-in as the output of an autograd op (not a leaf, requires grad), as the real output of
-    the call it stands for was; it shares the stand-in's storage, as FakeTensorProp's meta["val"]
-    shares its value's."""
+    """A copy of a stand-in that is the output of an autograd op (not a leaf, requires grad), as the
+    real output of the call it stands for was."""
 
     @staticmethod
     def forward(ctx: object, anchor: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return stand_in.detach()
+        return _fresh_like(stand_in)
 
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> tuple[None, None]:  # type: ignore[override]
@@ -87,6 +89,7 @@ class FakeValueMemo:
         self._recorded: dict[Hashable, _Recorded | None] = {}  # None: runs every time
         self._module_keys: dict[str, Hashable | None] = {}
         self._stand_ins: dict[int, tuple[FakeTensor, bool]] = {}  # id -> (stand-in, real requires_grad)
+        self._stand_in_of: dict[_TensorMeta, FakeTensor] = {}
         self._anchor: torch.Tensor | None = None
         self.num_memoised = 0
 
@@ -107,11 +110,13 @@ class FakeValueMemo:
             if recorded.has_meta_val:
                 node.meta["val"] = recorded.meta_val
             return recorded.constant
-        meta = recorded.tensor
-        with unset_fake_temporarily():
-            elem = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device="meta")
-        value = FakeTensor(self._mode, elem, meta.device)
-        self._stand_ins[id(value)] = (value, meta.requires_grad)
+        value = self._stand_in_of.get(recorded.tensor)
+        if value is None:
+            meta = recorded.tensor
+            with unset_fake_temporarily():
+                elem = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device="meta")
+            value = self._stand_in_of[meta] = FakeTensor(self._mode, elem, meta.device)
+            self._stand_ins[id(value)] = (value, meta.requires_grad)
         node.meta["val"] = value
         return value
 
@@ -137,7 +142,7 @@ class FakeValueMemo:
             return value
         _, requires_grad = self._stand_ins[id(value)]
         if not requires_grad:
-            return value.detach()  # its own metadata, the stand-in's storage
+            return _fresh_like(value)
         if self._anchor is None:
             self._anchor = torch.empty(()).requires_grad_(True)
         return _Computed.apply(self._anchor, value)
@@ -205,7 +210,7 @@ class FakeValueMemo:
                 continue
             if name == "inplace" and value:
                 raise _NotMemoisable  # writes into its input
-            settings.append((name, self._describe(value)))
+            settings.append((name, (type(value), value) if type(value) in _SCALARS else self._describe(value)))
         tensors = tuple((name, None if t is None else self._describe_tensor(t, t.requires_grad))
                         for name, t in [*module._parameters.items(), *module._buffers.items()])
         children = tuple((name, None if m is None else self._describe_module(m)) for name, m in module._modules.items())
@@ -245,6 +250,11 @@ class FakeValueMemo:
     def _real_requires_grad(self, value: torch.Tensor) -> bool:
         stand_in = self._stand_ins.get(id(value))
         return value.requires_grad if stand_in is None else stand_in[1]
+
+
+def _fresh_like(value: torch.Tensor) -> torch.Tensor:
+    """A tensor of `value`'s metadata with storage of its own, as every output of a real call has."""
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
 
 
 def _is_immutable_constant(value: object) -> bool:
