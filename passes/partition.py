@@ -17,7 +17,10 @@ the slowest *stage*, each timed on its own rank. Interleaved and V schedules (Na
 2021, section 2.2; Qi et al. 2024, ZB-V) reach their bubble only when every chunk takes the
 same time, and a rank's busy time per micro-batch is then its number of stages times the
 bottleneck; the per-stage objective keeps the DP exact, where the sum over a rank's
-non-adjacent stages would need the DP to remember every open rank's load. The memory limit
+non-adjacent stages would need the DP to remember every open rank's load. When the stages come
+out unequal, the rank sums do too: `pipecc.passes.rank_balance` then moves the cuts to lower the
+largest rank sum (a local search from the DP's cuts, never worse than them by that measure), and
+`partition_candidates` offers both for compile_plan to simulate. The memory limit
 is per rank: each rank's limit is split into per-stage caps (equally, and in proportion to the
 micro-batches each stage holds; the better result is kept), so a plan never exceeds a rank's
 limit, but with several stages per rank under a tight limit a feasible partition can be missed.
@@ -316,26 +319,60 @@ def partition_problem(captured: Captured, costs: CostTable) -> PartitionProblem:
     return partition_graph(captured, costs).problem()
 
 
+STAGE_SLACKS = (0.1, 0.5, INF)  # bounds on stage growth that compile_plan tries; partition() alone uses the first
+
+
 def partition(captured: Captured, costs: CostTable, *, num_stages: int,
               max_memory_bytes: int | None = None, in_flight: InFlight = lambda stage: 1,
-              stage_to_rank: Sequence[int] | None = None, cluster: Cluster | None = None) -> Partition:
+              stage_to_rank: Sequence[int] | None = None, cluster: Cluster | None = None,
+              stage_slack: float | None = STAGE_SLACKS[0]) -> Partition:
     """Assign each compute node to one of `num_stages` contiguous stages so that the slowest stage
     (compute at its rank's speed + traffic across its cuts) is as fast as possible, within each
     rank's memory. Stage s runs on rank `stage_to_rank[s]` (default: rank s) of `cluster`
-    (default: identical ranks). Deterministic.
+    (default: identical ranks). Deterministic. Where a rank holds several stages, the cuts then
+    move to lower the largest sum of a rank's stages, no stage growing more than `stage_slack`
+    (a fraction) above the slowest (`pipecc.passes.rank_balance`, a local search; None: they stay).
 
     Stages are contiguous in the best topological order (`pipecc.passes.order`: the graph's own
     unless another is strictly better), not necessarily the graph's: `order.reorder(captured,
     order.order_by_stage(captured, partition))` makes them contiguous in the graph too."""
-    from pipecc.passes.order import best_order  # order builds on this module's PartitionGraph
+    return partition_candidates(captured, costs, num_stages=num_stages, max_memory_bytes=max_memory_bytes,
+                                in_flight=in_flight, stage_to_rank=stage_to_rank, cluster=cluster,
+                                stage_slacks=() if stage_slack is None else (stage_slack,))[-1]
+
+
+def partition_candidates(captured: Captured, costs: CostTable, *, num_stages: int,
+                         max_memory_bytes: int | None = None, in_flight: InFlight = lambda stage: 1,
+                         stage_to_rank: Sequence[int] | None = None, cluster: Cluster | None = None,
+                         stage_slacks: Sequence[float] = STAGE_SLACKS) -> tuple[Partition, ...]:
+    """The min-max-stage partition of `partition`, then, where a rank holds several stages, the
+    rank-balanced one under each bound in `stage_slacks`: the distinct ones, in that order. The
+    largest rank sum never goes up along the tuple, but the step time need not follow it, so
+    compile_plan simulates each and keeps the fastest."""
+    from pipecc.passes.order import best_order  # order and rank_balance build on this module
+    from pipecc.passes.rank_balance import RankBalance, balance_ranks_coarsened, rank_costs, several_stages_per_rank
 
     graph = partition_graph(captured, costs)
     best = best_order(graph, num_stages, max_memory_bytes=max_memory_bytes, in_flight=in_flight,
                       stage_to_rank=stage_to_rank, cluster=cluster)
     names = [graph.node_names[i] for i in best.order]
-    bounds = [0, *best.cuts, graph.num_nodes]
-    stage_of = {name: s for s in range(num_stages) for name in names[bounds[s]:bounds[s + 1]]}
-    return Partition(num_stages=num_stages, stage_of=stage_of, bottleneck_ms=best.bottleneck_ms)
+
+    def as_partition(cuts: Sequence[int], bottleneck_ms: float, max_rank_ms: float) -> Partition:
+        bounds = [0, *cuts, graph.num_nodes]
+        stage_of = {name: s for s in range(num_stages) for name in names[bounds[s]:bounds[s + 1]]}
+        return Partition(num_stages=num_stages, stage_of=stage_of, bottleneck_ms=bottleneck_ms, max_rank_ms=max_rank_ms)
+
+    if not several_stages_per_rank(stage_to_rank):
+        return (as_partition(best.cuts, best.bottleneck_ms, best.bottleneck_ms),)
+    problem = graph.problem(best.order)
+    options = dict(max_memory_bytes=max_memory_bytes, in_flight=in_flight, stage_to_rank=stage_to_rank, cluster=cluster)
+    found = [rank_costs(problem, best.cuts, **options)]  # type: ignore[arg-type]
+    found += [balance_ranks_coarsened(problem, best.cuts, stage_slack=slack, **options)  # type: ignore[arg-type]
+              for slack in stage_slacks]
+    distinct: dict[tuple[int, ...], RankBalance] = {}
+    for balanced in found:  # the first of equal cuts: the DP's, then the tightest bound's
+        distinct.setdefault(balanced.cuts, balanced)
+    return tuple(as_partition(b.cuts, b.bottleneck_ms, b.max_rank_ms) for b in distinct.values())
 
 
 def solve(problem: PartitionProblem, num_stages: int, *, max_memory_bytes: int | None = None,

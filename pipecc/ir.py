@@ -121,7 +121,10 @@ class Partition:
 
     num_stages: int
     stage_of: Mapping[str, int]
-    bottleneck_ms: float  # the objective the partitioner minimised
+    bottleneck_ms: float  # the slowest stage: what the partitioner minimised with one stage per rank
+    # The largest sum of one rank's stages, minimised first where a rank holds several
+    # (passes/rank_balance.py); equal to bottleneck_ms with one stage per rank, None if not computed.
+    max_rank_ms: float | None = None
 
     def nodes_of(self, stage: int) -> tuple[str, ...]:
         return tuple(name for name, s in self.stage_of.items() if s == stage)

@@ -14,15 +14,16 @@ from torch import nn
 from pipecc.cluster import Cluster
 from pipecc.costs import CostTable, DeviceSpec, resolve_device
 from pipecc.errors import ConfigError, PipeccError
-from pipecc.ir import Captured, Config
+from pipecc.ir import Captured, Config, Partition, Schedule, Stage
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
 from pipecc.passes.order import check_order, order_by_stage, reorder
-from pipecc.passes.partition import check_partition, partition
+from pipecc.passes.partition import InFlight, check_partition, partition_candidates
 from pipecc.passes.profile import profile_costs
 from pipecc.passes.schedules import in_flight as held_microbatches
 from pipecc.passes.schedules import schedule_kind
 from pipecc.passes.schedules.verify import check_schedule
+from pipecc.passes.simulate import simulate
 from pipecc.passes.split_backward import needs_split_backward, split_backward_stages
 from pipecc.passes.split_stages import check_stages, split_stages
 from pipecc.passes.symbolic import stage_formulas, symbolic_costs
@@ -80,18 +81,13 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
     with pass_context("schedule"):
         schedule = kind.build(num_stages, m, config.num_ranks)
         check_schedule(schedule)
-    with pass_context("partition"):
-        part = partition(captured, costs, num_stages=num_stages, max_memory_bytes=config.max_memory_bytes,
-                         in_flight=in_flight, stage_to_rank=schedule.stage_to_rank, cluster=cluster)
-    with pass_context("order"):  # stages may be contiguous in another topological order: make it the graph's
-        order = order_by_stage(captured, part)
-        check_order(captured, order)
-        captured = reorder(captured, order)
-        check_partition(captured, part)
-    with pass_context("split_stages"):
-        stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight,
-                              cluster=cluster)
-        check_stages(stages)
+    with pass_context("partition"):  # several candidates only where a rank holds several stages
+        parts = partition_candidates(captured, costs, num_stages=num_stages, max_memory_bytes=config.max_memory_bytes,
+                                     in_flight=in_flight, stage_to_rank=schedule.stage_to_rank, cluster=cluster)
+    split = [split_partition(captured, part, costs, schedule, in_flight, cluster) for part in parts]
+    if len(split) > 1:  # the fastest predicted step (the first, the DP's, on ties): rank sums are not the step time
+        split.sort(key=lambda c: simulate(schedule, [s.cost for s in c[1]]).step_time_ms)
+    captured, stages = split[0]
     if needs_split_backward(schedule) and not costs_only:
         with pass_context("split_backward"):  # F/B/W graphs; a stage that cannot be split logs why
             stages = split_backward_stages(stages)
@@ -103,6 +99,21 @@ def compile_plan(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_
     return Plan(config=config, device=spec, stages=stages, schedule=schedule,
                 input_specs=Plan.batch_specs(example_inputs), target_spec=Plan.batch_specs([example_target])[0],
                 capture_method=captured.method, cost_formulas=formulas)
+
+
+def split_partition(captured: Captured, part: Partition, costs: CostTable, schedule: Schedule, in_flight: InFlight,
+                    cluster: Cluster | None) -> tuple[Captured, tuple[Stage, ...]]:
+    """The graph reordered so that `part`'s stages are contiguous in it, and split into those stages."""
+    with pass_context("order"):  # stages may be contiguous in another topological order: make it the graph's
+        order = order_by_stage(captured, part)
+        check_order(captured, order)
+        captured = reorder(captured, order)
+        check_partition(captured, part)
+    with pass_context("split_stages"):
+        stages = split_stages(captured, part, costs, stage_to_rank=schedule.stage_to_rank, in_flight=in_flight,
+                              cluster=cluster)
+        check_stages(stages)
+    return captured, stages
 
 
 COST_MODELS = ("analytic", "profile")
