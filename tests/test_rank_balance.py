@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 import pipecc
 from examples import gpt
+from pipecc.cluster import Cluster, RankSpec
 from pipecc.costs import CostTable
+from pipecc.errors import PartitionError
 from pipecc.ir import Captured
+from pipecc.passes import rank_balance
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
-from pipecc.cluster import Cluster, RankSpec
-from pipecc.errors import PartitionError
-from pipecc.passes import rank_balance
 from pipecc.passes.partition import (STAGE_SLACKS, CutValue, PartitionProblem, partition, partition_candidates,
                                     place_stages, rank_memory_limits, solve)
 from pipecc.passes.rank_balance import RankBalance, balance_ranks, balance_ranks_coarsened
