@@ -187,7 +187,10 @@ def node_signature(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str],
         if arg.op == "get_attr":
             real = _attr(gm, str(arg.target))
             return describe(real, isinstance(real, torch.Tensor) and real.requires_grad)
-        return tuple(describe(v, arg.name in needs_grad) for v in tree_leaves(value_of(arg)))
+        value = value_of(arg)
+        if isinstance(value, torch.Tensor):  # nearly every argument: no pytree walk
+            return (describe(value, arg.name in needs_grad),)
+        return tuple(describe(v, arg.name in needs_grad) for v in tree_leaves(value))
 
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
