@@ -59,7 +59,7 @@ class Hooked(nn.Module):
 
 class Stateful(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grow(x).sum() + grow(x).sum() + x.sum()
+        return grow(x).sum() + grow(x).sum() + x
 
 
 def _describe(value: object) -> object:
