@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -46,8 +47,14 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., object],
         # Exit at once without tearing down the group: the parent sees the exit code and
         # terminates the other ranks instead of letting them wait for this one's messages.
         os._exit(1)
-    dist.destroy_process_group()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's C++ threads torn down there can abort the process
+    # ("terminate called without an active exception", seen once in a calibration run) after
+    # the result is written, which the parent would take for a crashed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rendezvous_store(port: int) -> dist.TCPStore:
