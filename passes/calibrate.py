@@ -6,7 +6,7 @@ The analytic cost model predicts a stage's forward as the sum over its nodes of 
 `max(flops / peak_flops, bytes / bandwidth) + op_overhead`, and its backward the same way
 from the B and W work; the simulator adds the runtime's own overheads. The samples come from
 the runtime's measured timeline (`action_samples`): one `StageSample` per stage and action
-kind, pairing the median duration of that action in real pipelined steps with the work of
+kind, pairing the mean duration of that action in real pipelined steps with the work of
 every node it ran. `fit_compute` finds the numbers that make the sums (plus one action
 overhead per sample) closest to the measurements, in relative error (so a small model counts as
 much as a large one). It is a grid search on (peak, bandwidth) in log space, with the two
@@ -79,8 +79,10 @@ class RuntimeFit:
 
 def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
                    steps: Sequence[MeasuredStep]) -> list[StageSample]:
-    """One sample per stage and compute action kind that ran (F, and BW or B and W): the median of
-    its measured durations over the steps and micro-batches, and the work of its nodes.
+    """One sample per stage and compute action kind that ran (F, and BW or B and W): the mean of
+    its measured durations over the steps and micro-batches (a step's time is a sum of actions,
+    whose expectation is the sum of their means; medians predicted steps 5 to 10 points short),
+    and the work of its nodes.
 
     `captured` is the model captured at the steps' micro-batch size (its nodes' work)."""
     works, _, _ = annotate_work(captured)
@@ -95,7 +97,7 @@ def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
         nodes = [works[n] for n in stages[stage].node_names if n in works]
         terms = _action_terms(nodes, kind)
         samples.append(StageSample(f"{label} stage {stage} {kind.name} (mb {mb})", *_columns(terms),
-                                   statistics.median(times)))
+                                   statistics.mean(times)))
     return samples
 
 

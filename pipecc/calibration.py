@@ -109,7 +109,7 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
 
 
 def format_samples(calibration: Calibration, base: DeviceSpec) -> str:
-    """Per stage and action kind: its measured median time vs predicted, before and after the fit."""
+    """Per stage and action kind: its measured mean time vs predicted, before and after the fit."""
     lines = [f"{'action':34s} {'measured':>9s} {base.name:>12s} {'err':>6s} {calibration.device.name:>12s} {'err':>6s}"]
     for s in calibration.samples:
         before, after = predict_ms(s, base), predict_ms(s, calibration.device)
