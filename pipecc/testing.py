@@ -6,7 +6,7 @@ Used by pipecc's own tests and meant for users checking their own models the sam
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,10 @@ from torch import nn
 from pipecc.passes.rng import seeded_eager_dropout
 from pipecc.runtime.launch import free_port, spawn_local
 
-__all__ = ["reference_step", "assert_same_grads", "assert_same_step", "run_ranks", "free_port"]
+if TYPE_CHECKING:
+    from pipecc.plan import Plan
+
+__all__ = ["reference_step", "assert_same_grads", "assert_same_step", "run_ranks", "rank_step", "free_port"]
 
 RTOL = 1e-5
 ATOL = 1e-6  # gradients near zero: summation order alone moves them by ~1e-8
@@ -55,7 +58,7 @@ def assert_same_grads(grads: Mapping[str, torch.Tensor], expected: Mapping[str, 
 
 
 def assert_same_step(model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
-                     target: torch.Tensor, plan: "Plan") -> None:  # noqa: F821
+                     target: torch.Tensor, plan: Plan) -> None:
     """plan.run_local gives the loss and every gradient of the unpartitioned model."""
     expected_loss, expected = reference_step(model, inputs, loss_fn, target, plan.config.num_microbatches,
                                              dropout_seed=plan.dropout_seed, step=plan.num_local_steps)
@@ -66,6 +69,16 @@ def assert_same_step(model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: 
     grads = {n: p.grad for n, p in plan.named_parameters()}
     assert set(grads) == set(expected), f"parameters differ: {set(grads) ^ set(expected)}"
     assert_same_grads(grads, expected)
+
+
+def rank_step(plan: Plan, inputs: Sequence[torch.Tensor], target: torch.Tensor,
+              timeout_s: float = 120.0) -> tuple[float | None, dict[str, torch.Tensor]]:
+    """On one rank of an initialised process group (e.g. inside `run_ranks`): one training step of
+    `plan.runner()`; the batch loss (None on ranks without the last stage) and the gradients of this
+    rank's parameters, by their names in the original model, to compare with `reference_step`."""
+    runner = plan.runner(timeout_s=timeout_s)
+    loss = runner.step(*inputs, target=target)
+    return None if loss is None else float(loss), {n: p.grad.clone() for n, p in runner.named_parameters()}
 
 
 def run_ranks(fn: Callable[..., object], world_size: int, *args: object) -> list[object]:

@@ -13,7 +13,7 @@ from pipecc.cluster import Cluster
 from pipecc.errors import ConfigError
 from pipecc.ir import Config
 from pipecc.passes.schedules import SCHEDULES
-from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
+from pipecc.testing import assert_same_grads, assert_same_step, rank_step, reference_step, run_ranks
 
 SIZES = dict(num_layers=8, hidden=64, in_features=32, out_features=8)
 
@@ -108,9 +108,7 @@ def _gloo_auto_step() -> tuple[float | None, dict[str, torch.Tensor], int]:
     model, inputs, loss_fn, target = _model()
     plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages="auto",
                           num_microbatches=4, schedule="1f1b", cluster=Cluster.of([1.0, 0.5]))
-    runner = plan.runner(timeout_s=120)
-    loss = runner.step(*inputs, target=target)
-    return None if loss is None else float(loss), {n: p.grad.clone() for n, p in runner.named_parameters()}, plan.num_ranks
+    return (*rank_step(plan, inputs, target), plan.num_ranks)
 
 
 @pytest.mark.dist

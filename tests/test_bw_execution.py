@@ -18,7 +18,7 @@ from pipecc.passes.schedules.verify import check_schedule
 from pipecc.passes.split_backward import split_backward_stages
 from pipecc.plan import Plan
 from pipecc.printing import format_schedule
-from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
+from pipecc.testing import assert_same_grads, assert_same_step, rank_step, reference_step, run_ranks
 from models import build
 
 F, B, W = ActionKind.F, ActionKind.B, ActionKind.W
@@ -144,10 +144,7 @@ def _dist_fbw_steps(cases: list[tuple[str, tuple[int, ...], int, bool]]) -> list
     results = []
     for name, stage_to_rank, m, graph_split in cases:
         plan = fbw_plan(name, stage_to_rank, m, max_in_flight=len(stage_to_rank), graph_split=graph_split)
-        runner = plan.runner(timeout_s=120)
-        loss = runner.step(*build(name)[1], target=build(name)[3])
-        results.append((None if loss is None else float(loss),
-                        {n: p.grad.clone() for n, p in runner.named_parameters()}))
+        results.append(rank_step(plan, build(name)[1], build(name)[3]))
     return results
 
 

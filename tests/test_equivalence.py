@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pipecc
-from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
+from pipecc.testing import assert_same_grads, assert_same_step, rank_step, reference_step, run_ranks
 from models import MODEL_NAMES, build
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -64,10 +64,7 @@ def _dist_steps(configs: list[tuple[str, int, str, int]]) -> list[tuple[float | 
         model, inputs, loss_fn, target = build(name)
         plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=num_stages,
                               num_microbatches=m, schedule=schedule)
-        runner = plan.runner(timeout_s=120)
-        loss = runner.step(*inputs, target=target)
-        results.append((None if loss is None else float(loss),
-                        {n: p.grad.clone() for n, p in runner.named_parameters()}))
+        results.append(rank_step(plan, inputs, target))
     return results
 
 

@@ -17,7 +17,7 @@ from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.capture import capture
 from pipecc.passes.partition import partition_problem, place_stages, solve
 from pipecc.passes.simulate import simulate
-from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
+from pipecc.testing import assert_same_grads, assert_same_step, rank_step, reference_step, run_ranks
 
 MLP_SIZES = dict(num_layers=24, hidden=64, in_features=32, out_features=8)
 
@@ -136,10 +136,7 @@ def _gloo_step(speeds: list[float]) -> tuple[float | None, dict[str, torch.Tenso
     model, inputs, loss_fn, target = mlp.build(**MLP_SIZES)
     plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=4,
                           cluster=Cluster.of(speeds))
-    runner = plan.runner(timeout_s=120)
-    loss = runner.step(*inputs, target=target)
-    return (None if loss is None else float(loss), {n: p.grad.clone() for n, p in runner.named_parameters()},
-            [s.cost.num_nodes for s in plan.stages])
+    return (*rank_step(plan, inputs, target), [s.cost.num_nodes for s in plan.stages])
 
 
 @pytest.mark.dist

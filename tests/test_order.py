@@ -20,7 +20,7 @@ from pipecc.passes.graph_facts import compute_nodes
 from pipecc.passes.order import (best_order, check_order, depth_first_order, downset_order, downsets, greedy_order,
                                  order_by_stage, reorder)
 from pipecc.passes.partition import INF, PartitionGraph, check_partition, partition, partition_graph, solve
-from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
+from pipecc.testing import assert_same_grads, assert_same_step, rank_step, reference_step, run_ranks
 from models import build_two_towers
 
 CPU = DeviceSpec.preset("cpu")
@@ -86,9 +86,7 @@ def test_compiled_two_towers_plan_reports_the_lower_bottleneck_and_equals_the_mo
 def _gloo_step() -> tuple[float | None, dict[str, torch.Tensor]]:
     model, inputs, loss_fn, target = build_two_towers()
     plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=2)
-    runner = plan.runner(timeout_s=120)
-    loss = runner.step(*inputs, target=target)
-    return None if loss is None else float(loss), {n: p.grad.clone() for n, p in runner.named_parameters()}
+    return rank_step(plan, inputs, target)
 
 
 @pytest.mark.dist

@@ -30,7 +30,7 @@ from pipecc.ir import InputKind
 from pipecc.passes.codegen import plan_to_json
 from pipecc.passes.schedules import SCHEDULES
 from pipecc.passes.schedules.verify import check_schedule
-from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
+from pipecc.testing import assert_same_grads, assert_same_step, rank_step, reference_step, run_ranks
 
 KINDS = ("linear", "conv", "layernorm", "groupnorm", "batchnorm", "tanh", "residual", "concat", "shared")
 CHANNELS, LENGTH, BATCH = 4, 6, 8
@@ -209,10 +209,7 @@ def _gloo_steps(cases: list[tuple[tuple[Block, ...], int]]) -> list[Any]:
         if plan is None:
             results.append(None)
             continue
-        runner = plan.runner(timeout_s=60)
-        loss = runner.step(*inputs, target=target)
-        results.append((None if loss is None else float(loss),
-                        {n: p.grad.clone() for n, p in runner.named_parameters()}))
+        results.append(rank_step(plan, inputs, target, timeout_s=60))
     return results
 
 

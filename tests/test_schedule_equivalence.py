@@ -13,7 +13,7 @@ import torch
 import pipecc
 from pipecc.errors import ScheduleError
 from pipecc.passes.schedules import SCHEDULES
-from pipecc.testing import assert_same_grads, assert_same_step, reference_step, run_ranks
+from pipecc.testing import assert_same_grads, assert_same_step, rank_step, reference_step, run_ranks
 
 NEW = ("interleaved-1f1b", "looped-bfs", "zb-h1", "zb-h2", "zbv", "v-half", "v-min", "dualpipev")
 
@@ -87,10 +87,7 @@ def _dist_steps(cases: list[tuple[str, str, int, int, int]]) -> list[tuple[float
     for model, schedule, num_ranks, m, batch_size in cases:
         plan = compile_for(model, schedule, num_ranks, m, batch_size)
         _, inputs, _, target = build(model, batch_size)
-        runner = plan.runner(timeout_s=120)
-        loss = runner.step(*inputs, target=target)
-        results.append((None if loss is None else float(loss),
-                        {n: p.grad.clone() for n, p in runner.named_parameters()}))
+        results.append(rank_step(plan, inputs, target))
     return results
 
 
