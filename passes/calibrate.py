@@ -64,11 +64,13 @@ class ComputeFit:
 
 @dataclass(frozen=True)
 class MeasuredStep:
-    """One pipelined step as the runtime recorded it: every rank's actions, and the wall-clock time
-    of the slowest rank from a common barrier to the end of its step."""
+    """One pipelined step as measured: the wall-clock time of the slowest rank from a common
+    barrier to the end of its step, every rank's recorded actions (when the timeline was
+    recorded), and the busiest rank's CPU time in the step."""
 
     wall_ms: float
-    events: tuple[TimedAction, ...]
+    events: tuple[TimedAction, ...] = ()
+    cpu_ms: float = 0.0
 
 
 @dataclass(frozen=True)

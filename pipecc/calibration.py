@@ -73,9 +73,8 @@ def collect_samples(model_specs: Sequence[str], *, microbatch_counts: Sequence[i
         for variant, runs in zip(variants, measured):
             plan = compile_variant(spec, variant, num_ranks)[0]
             captured = capture(model, inputs, loss_fn, target, num_microbatches=variant.num_microbatches)
-            recorded = [MeasuredStep(run.wall_ms, run.events) for run in runs]
-            samples += action_samples(_label(spec), captured, plan.stages, recorded)
-            steps += recorded
+            samples += action_samples(_label(spec), captured, plan.stages, runs)
+            steps += runs
     return samples, steps
 
 
@@ -171,25 +170,15 @@ def compile_variant(model_spec: str, variant: Variant, num_ranks: int):  # -> (P
     return plan, inputs, target
 
 
-@dataclass(frozen=True)
-class StepRun:
-    """One measured step: the slowest rank's wall-clock time and the busiest rank's CPU time (ms), and
-    every rank's recorded actions when the timeline was recorded."""
-
-    wall_ms: float
-    cpu_ms: float
-    events: tuple = ()  # tuple[TimedAction, ...]
-
-
 def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int,
-                record_timeline: bool = False) -> list[list[StepRun]]:
+                record_timeline: bool = False) -> list[list[MeasuredStep]]:
     """On each rank: every variant's plan, stepped round-robin (so load spikes hit all alike);
     per variant, its measured steps after one warm-up step."""
     import torch.distributed as dist
 
     runs = [compile_variant(model_spec, v, num_ranks) for v in variants]
     runners = [plan.runner(record_timeline=record_timeline) for plan, _, _ in runs]
-    times: list[list[StepRun]] = [[] for _ in variants]
+    times: list[list[MeasuredStep]] = [[] for _ in variants]
     for step in range(num_steps + 1):
         for k, (runner, (_, inputs, target)) in enumerate(zip(runners, runs)):
             dist.barrier()
@@ -199,7 +188,7 @@ def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, nu
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             events = runner.gather_events() if record_timeline else ()
             if step > 0:  # the first step warms up allocators and connections
-                times[k].append(StepRun(float(elapsed[0]), float(elapsed[1]), tuple(events)))
+                times[k].append(MeasuredStep(float(elapsed[0]), tuple(events), float(elapsed[1])))
     return times
 
 
