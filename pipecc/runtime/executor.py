@@ -52,7 +52,7 @@ class RankExecutor:
         m = self.schedule.num_microbatches
         micro_inputs = [t.chunk(m) if isinstance(t, torch.Tensor) else [t] * m for t in inputs]
         micro_target = target.chunk(m)
-        runners = {a.stage: stage_runner(self.stages[a.stage], a.stage == self.last_stage, m) for a in actions}
+        runners = {s: stage_runner(self.stages[s], s == self.last_stage, m) for s in {a.stage for a in actions}}
         stage_specs = self.stages
         activations: dict[tuple[int, int], list[torch.Tensor]] = {}  # (producing stage, mb) -> outputs
         grads: dict[tuple[int, int], list[torch.Tensor | None]] = {}  # (stage, mb) -> grads of its activation inputs
