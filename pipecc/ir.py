@@ -104,6 +104,9 @@ class StageCost:
     action_overhead_ms: float = 0.0
     message_overhead_ms: float = 0.0
     step_overhead_ms: float = 0.0
+    # Summing the gradients of weights that other ranks also hold (tied weights), after the rank's
+    # last action; carried by the rank's first stage, 0 on its others.
+    sync_ms: float = 0.0
 
     @property
     def compute_ms(self) -> float:
@@ -176,6 +179,17 @@ def named_stage_parameters(stages: Iterable[Stage]) -> Iterator[tuple[str, nn.Pa
             if binding.is_parameter and binding.canonical_name not in seen:
                 seen.add(binding.canonical_name)
                 yield binding.canonical_name, params[binding.local_name]
+
+
+def shared_parameters(stages: Iterable[Stage]) -> dict[str, list[int]]:
+    """Canonical name -> sorted ranks, for every parameter that stages on several ranks hold (tied
+    weights split across ranks: the runtime sums their gradients after each step)."""
+    holders: dict[str, set[int]] = {}
+    for stage in stages:
+        for binding in stage.params:
+            if binding.is_parameter:
+                holders.setdefault(binding.canonical_name, set()).add(stage.rank)
+    return {name: sorted(ranks) for name, ranks in holders.items() if len(ranks) > 1}
 
 
 class ActionKind(enum.Enum):

@@ -3,6 +3,7 @@ point-to-point messages (gloo on CPU, NCCL on GPU). Every receive has a timeout.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import itertools
 import json
@@ -16,26 +17,40 @@ import torch.distributed as dist
 from torch import nn
 
 from pipecc.errors import ConfigError, PeerLostError
-from pipecc.ir import Action, Schedule, Stage, TensorSpec, named_stage_parameters
+from pipecc.ir import Action, ActionKind, Schedule, Stage, TensorSpec, named_stage_parameters, shared_parameters
 from pipecc.passes.insert_comm import insert_comm
 from pipecc.passes.rng import dropout_step
 from pipecc.passes.simulate import TimedAction
-from pipecc.runtime.executor import Message, RankExecutor, TimelineRecorder, param_device
+from pipecc.runtime.executor import Message, RankExecutor, TimelineRecorder, incoming, param_device
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 300.0
 
 
+RECEIVES_AHEAD = 2  # per incoming link: receives posted before their action runs
+
+
 class DistTransport:
-    """isend for every outgoing tensor (waited at the end of the step), irecv + timed wait for incoming."""
+    """isend for every outgoing tensor (waited at the end of the step), irecv + timed wait for incoming.
+
+    Receives are posted ahead (`post_receives`): on each incoming link the next RECEIVES_AHEAD
+    messages of the step have their buffers and irecvs in place before the peer sends. Gloo
+    delivers a message into a posted receive at once; one whose receive comes later waits for the
+    sender's progress thread, which on a busy core can take a scheduler tick (measured on a 2-core
+    machine: median 3 ms against 0.2 ms pre-posted)."""
 
     def __init__(self, schedule: Schedule, stages: Sequence[Stage], device: torch.device, timeout_s: float) -> None:
+        self.schedule = schedule
+        self.stages = stages
         self.num_stages = schedule.num_stages
         self.num_microbatches = schedule.num_microbatches
         self.per_message = 1 + max((len(s.inputs) for s in stages), default=0)
         self.device = device
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+        # per incoming link (direction, sending stage): the step's receives not yet posted, in order
+        self.upcoming: dict[tuple[str, int], collections.deque[tuple[Message, list[TensorSpec], int]]] = {}
+        self.posted: dict[Message, tuple[list[torch.Tensor], list[dist.Work]]] = {}
 
     def _tag(self, message: Message, index: int) -> int:
         direction = 0 if message.direction == "F" else 1
@@ -43,32 +58,60 @@ class DistTransport:
             * self.per_message + index
 
     def send(self, message: Message, tensors: list[torch.Tensor], dst_rank: int) -> None:
-        what = "activations" if message.direction == "F" else "gradients"
         for i, tensor in enumerate(tensors):
             tensor = tensor.contiguous()
             try:
                 self.pending.append((dist.isend(tensor, dst_rank, tag=self._tag(message, i)), tensor))
             except RuntimeError as err:  # gloo fails the post at once when the link is already down
-                raise _lost(err, f"sending {what} of stage {message.stage} for micro-batch {message.microbatch} "
+                raise _lost(err, f"sending {_what(message)} of stage {message.stage} for micro-batch {message.microbatch} "
                                  f"to rank {dst_rank}") from None
 
-    def recv(self, message: Message, specs: Sequence[TensorSpec], src_rank: int) -> list[torch.Tensor]:
+    def post_receives(self, actions: Sequence[Action]) -> None:
+        """Post the first receives of each incoming link of this step's `actions` (this rank's list)."""
+        for action in actions:
+            if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
+                message, specs, src_rank = incoming(action, self.stages, self.schedule)
+                self.upcoming.setdefault((message.direction, message.stage), collections.deque()).append(
+                    (message, specs, src_rank))
+        for link in self.upcoming:
+            for _ in range(RECEIVES_AHEAD):
+                self._post_next(link)
+
+    def _post_next(self, link: tuple[str, int]) -> None:
+        if self.upcoming.get(link):
+            self._post(*self.upcoming[link].popleft())
+
+    def _post(self, message: Message, specs: Sequence[TensorSpec], src_rank: int) -> None:
         buffers = [torch.empty(s.shape, dtype=s.torch_dtype, device=self.device) for s in specs]
-        what = "activations" if message.direction == "F" else "gradients"
         try:
             works = [dist.irecv(b, src_rank, tag=self._tag(message, i)) for i, b in enumerate(buffers)]
         except RuntimeError as err:
-            raise _lost(err, f"receiving {what} of stage {message.stage} for micro-batch {message.microbatch} "
-                             f"from rank {src_rank}") from None
+            raise _lost(err, f"receiving {_what(message)} of stage {message.stage} for micro-batch "
+                             f"{message.microbatch} from rank {src_rank}") from None
+        self.posted[message] = (buffers, works)
+
+    def recv(self, message: Message, specs: Sequence[TensorSpec], src_rank: int) -> list[torch.Tensor]:
+        link = (message.direction, message.stage)
+        if message not in self.posted:  # not yet posted: post it now, out of its link's queue
+            upcoming = self.upcoming.get(link, collections.deque())
+            self.upcoming[link] = collections.deque(u for u in upcoming if u[0] != message)
+            self._post(message, specs, src_rank)
+        buffers, works = self.posted.pop(message)
+        self._post_next(link)  # keep the link's window full while this one arrives
         for work in works:
-            _wait(work, self.timeout, f"{what} of stage {message.stage} for micro-batch {message.microbatch} "
-                                      f"from rank {src_rank}")
+            _wait(work, self.timeout, f"{_what(message)} of stage {message.stage} for micro-batch "
+                                      f"{message.microbatch} from rank {src_rank}")
         return buffers
 
     def flush(self) -> None:
+        assert not self.posted, f"receives posted but never taken: {list(self.posted)}"
         for work, _ in self.pending:
             _wait(work, self.timeout, "a send to finish")
         self.pending.clear()
+
+
+def _what(message: Message) -> str:
+    return "activations" if message.direction == "F" else "gradients"
 
 
 def connection_lost(text: str) -> bool:
@@ -218,7 +261,7 @@ class DistRunner:
         self.device = param_device([s.graph for s in self.local_stages])
         self.timeout_s = timeout_s
         self._validate = validate
-        self.shared = _shared_parameters(stages)
+        self.shared = shared_parameters(stages)
         self.check_finite = check_finite
         self.dropout_seed = dropout_seed
         self._failure_prefix = f"pipecc/failures/{next(_runner_ids)}"  # every rank makes runners in the same order
@@ -247,11 +290,13 @@ class DistRunner:
                 self._validate(inputs, target)
             params = dict(self.named_parameters())
             before = {name: _grad_or_none(params[name]) for name in self.shared if name in params}
+            transport.post_receives(self.actions)
+            shared_receives = self._post_shared_receives(params)
             with dropout_step(self.dropout_seed, self._num_steps - 1):  # the runner's steps count from 0
                 loss = executor.run(self.actions, inputs, target)
             if recorder is not None:
                 self._events = recorder.events()
-            self._sum_shared_grads(params, before)
+            self._sum_shared_grads(params, before, shared_receives)
             if broadcast_loss:
                 loss = self._broadcast_loss(loss)
         except Exception as err:
@@ -301,7 +346,22 @@ class DistRunner:
         stopped.add_note(f"this rank's own error: {err}")
         return stopped
 
-    def _sum_shared_grads(self, params: dict[str, nn.Parameter], before: dict[str, torch.Tensor | None]) -> None:
+    def _post_shared_receives(self, params: dict[str, nn.Parameter]) -> dict[str, dict[int, tuple[torch.Tensor, dist.Work]]]:
+        """Before the step's actions: a receive for each peer's contribution to each tied weight this
+        rank holds, so that a peer finishing first delivers at once (see DistTransport)."""
+        posted: dict[str, dict[int, tuple[torch.Tensor, dist.Work]]] = {}
+        for index, (name, ranks) in enumerate(sorted(self.shared.items())):
+            if self.rank not in ranks:
+                continue
+            posted[name] = {}
+            for peer in ranks:
+                if peer != self.rank:
+                    buffer = torch.empty_like(params[name])
+                    posted[name][peer] = (buffer, dist.irecv(buffer, peer, tag=_SHARED_TAG + index))
+        return posted
+
+    def _sum_shared_grads(self, params: dict[str, nn.Parameter], before: dict[str, torch.Tensor | None],
+                          posted: dict[str, dict[int, tuple[torch.Tensor, dist.Work]]]) -> None:
         """A parameter held by several ranks (tied weights) gets the sum of their gradients, on each.
 
         Only this step's contribution is exchanged, so gradient accumulation across steps stays right.
@@ -318,8 +378,8 @@ class DistRunner:
                 if peer == self.rank:
                     continue
                 works.append(dist.isend(delta.contiguous(), peer, tag=_SHARED_TAG + index))
-                contributions[peer] = torch.empty_like(delta)
-                works.append(dist.irecv(contributions[peer], peer, tag=_SHARED_TAG + index))
+                contributions[peer], received = posted[name][peer]
+                works.append(received)
             for work in works:
                 _wait(work, datetime.timedelta(seconds=self.timeout_s), f"the gradient of shared parameter {name}")
             total = contributions[ranks[0]].clone()
@@ -340,13 +400,3 @@ _SHARED_TAG = 1 << 28
 
 def _grad_or_none(param: nn.Parameter) -> torch.Tensor | None:
     return None if param.grad is None else param.grad.detach().clone()
-
-
-def _shared_parameters(stages: Sequence[Stage]) -> dict[str, list[int]]:
-    """Canonical name -> sorted ranks, for every parameter that stages on several ranks hold."""
-    holders: dict[str, set[int]] = {}
-    for stage in stages:
-        for binding in stage.params:
-            if binding.is_parameter:
-                holders.setdefault(binding.canonical_name, set()).add(stage.rank)
-    return {name: sorted(ranks) for name, ranks in holders.items() if len(ranks) > 1}

@@ -88,18 +88,14 @@ class RankExecutor:
                         self.transport.send(Message("F", s, mb), activations.pop((s, mb)),
                                             self.schedule.stage_to_rank[s + 1])
                     case ActionKind.RECV_F:
-                        specs = [i.spec for i in stage_specs[s].activation_inputs]
-                        activations[(s - 1, mb)] = self.transport.recv(Message("F", s - 1, mb), specs,
-                                                                       self.schedule.stage_to_rank[s - 1])
+                        activations[(s - 1, mb)] = self.transport.recv(*incoming(action, self.stages, self.schedule))
                     case ActionKind.SEND_B:
                         sent = [g if g is not None else zero_grad_like(i.spec, self.device)
                                 for g, i in zip(grads.pop((s, mb)), stage_specs[s].activation_inputs)
                                 if i.spec.requires_grad]
                         self.transport.send(Message("B", s, mb), sent, self.schedule.stage_to_rank[s - 1])
                     case ActionKind.RECV_B:
-                        specs = [i.spec for i in stage_specs[s + 1].activation_inputs if i.spec.requires_grad]
-                        received_grads = self.transport.recv(Message("B", s + 1, mb), specs,
-                                                             self.schedule.stage_to_rank[s + 1])
+                        received_grads = self.transport.recv(*incoming(action, self.stages, self.schedule))
                         grads[(s + 1, mb)] = _expand_grads(received_grads, stage_specs[s + 1])
             except PipelineRuntimeError as err:
                 err.add_note(f"while running action {action} (stage {s}, micro-batch {mb})")
@@ -110,6 +106,22 @@ class RankExecutor:
         if not losses:
             return None
         return torch.stack([losses[mb] for mb in range(m)]).mean()
+
+
+def incoming(action: Action, stages: Sequence[Stage], schedule: Schedule
+             ) -> tuple[Message, list[TensorSpec], int]:
+    """What a RECV_F or RECV_B action receives: the message, its tensors' specs, and the sending rank.
+    Activations come from the previous stage (all of this stage's activation inputs); gradients
+    from the next stage (of its activation inputs that require grad)."""
+    s = action.stage
+    if action.kind is ActionKind.RECV_F:
+        return (Message("F", s - 1, action.microbatch), [i.spec for i in stages[s].activation_inputs],
+                schedule.stage_to_rank[s - 1])
+    if action.kind is ActionKind.RECV_B:
+        return (Message("B", s + 1, action.microbatch),
+                [i.spec for i in stages[s + 1].activation_inputs if i.spec.requires_grad],
+                schedule.stage_to_rank[s + 1])
+    raise ValueError(f"{action} receives nothing")
 
 
 class TimelineRecorder:

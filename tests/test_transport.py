@@ -1,0 +1,63 @@
+"""The distributed transport posts each incoming link's next receives before the peer sends them
+(gloo delivers into a posted receive at once; a late one waits on the sender's progress thread),
+and a receive it was not told about still arrives."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import pipecc
+from pipecc.ir import ActionKind
+from pipecc.passes.insert_comm import insert_comm
+from pipecc.runtime.dist import RECEIVES_AHEAD, DistTransport
+from pipecc.runtime.executor import Message, incoming
+from pipecc.testing import run_ranks
+from models import build
+
+NUM_MICROBATCHES = 4
+
+
+def _plan():
+    model, inputs, loss_fn, target = build("mlp")
+    return pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2,
+                          num_microbatches=NUM_MICROBATCHES)
+
+
+def _exchange(pre_post: bool) -> list[object] | None:
+    """Rank 0 sends stage 0's activations of every micro-batch (filled with the micro-batch number);
+    rank 1 takes them in its schedule's order: per micro-batch, the messages posted before its
+    receive, and the value received."""
+    plan = _plan()
+    transport = DistTransport(plan.schedule, plan.stages, torch.device("cpu"), timeout_s=60.0)
+    receives = [a for a in insert_comm(plan.schedule).rank_actions[1] if a.kind is ActionKind.RECV_F]
+    if dist.get_rank() == 0:
+        dist.barrier()  # rank 1 has posted (or not) before anything is sent
+        for mb in range(NUM_MICROBATCHES):
+            specs = incoming(receives[mb], plan.stages, plan.schedule)[1]
+            transport.send(Message("F", 0, mb), [torch.full(s.shape, float(mb)) for s in specs], 1)
+        transport.flush()
+        return None
+    if pre_post:
+        transport.post_receives(insert_comm(plan.schedule).rank_actions[1])
+    dist.barrier()
+    seen = []
+    for action in receives:
+        posted = sorted(m.microbatch for m in transport.posted)
+        tensors = transport.recv(*incoming(action, plan.stages, plan.schedule))
+        seen.append((posted, sorted({float(t.flatten()[0]) for t in tensors})))
+    transport.flush()
+    return seen
+
+
+def test_receives_are_posted_ahead_per_link() -> None:
+    seen = run_ranks(_exchange, 2, True)[1]
+    for mb, (posted, values) in enumerate(seen):
+        assert posted == list(range(mb, min(mb + RECEIVES_AHEAD, NUM_MICROBATCHES))), mb
+        assert values == [float(mb)]
+
+
+def test_a_receive_not_posted_ahead_still_arrives() -> None:
+    seen = run_ranks(_exchange, 2, False)[1]
+    assert [values for _, values in seen] == [[float(mb)] for mb in range(NUM_MICROBATCHES)]
+    assert all(posted == [] for posted, _ in seen)
