@@ -17,8 +17,10 @@ The runtime's own costs (StageCost.action_overhead_ms, message_overhead_ms, step
 0 unless the device spec was calibrated): every compute action takes its overhead on top of
 its ops; posting a send or a receive occupies its rank for the message overhead (a send's
 message leaves when it is posted); and the step ends the step overhead after the last action
-(the runtime's work outside the actions: splitting the batch, waiting for the last sends,
-summing tied weights' gradients).
+(the runtime's work outside the actions: splitting the batch, waiting for the last sends).
+
+Tied weights held on several ranks: after every rank's last action, the holders exchange and sum
+their gradients (StageCost.sync_ms, the slowest rank's), before the step overhead.
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
         if e.action.kind.is_compute:
             busy[e.rank] += e.end_ms - e.start_ms
     step_overhead_ms = max((c.step_overhead_ms for c in costs), default=0.0)
-    return Timeline(tuple(events), max(clock) + step_overhead_ms, tuple(busy), _peak_memory(schedule, events, costs))
+    sync_ms = max((c.sync_ms for c in costs), default=0.0)  # the ranks exchange once all are done
+    return Timeline(tuple(events), max(clock) + sync_ms + step_overhead_ms, tuple(busy),
+                    _peak_memory(schedule, events, costs))
 
 
 def measured_timeline(schedule: Schedule, events: Sequence[TimedAction], costs: Sequence[StageCost]) -> Timeline:

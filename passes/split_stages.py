@@ -8,15 +8,17 @@ Constants that cross a cut (sizes at micro-batch shape) are inlined, not sent.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from torch import fx
 from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 
-from pipecc.cluster import Cluster
-from pipecc.costs import CostTable
+from pipecc.cluster import Cluster, LinkSpec
+from pipecc.costs import CostTable, DeviceSpec
 from pipecc.errors import PartitionError
-from pipecc.ir import Captured, InputKind, ParamBinding, Partition, Stage, StageCost, StageInput, StageOutput, TensorSpec
+from pipecc.ir import (Captured, InputKind, ParamBinding, Partition, Stage, StageCost, StageInput, StageOutput,
+                       TensorSpec, shared_parameters)
 from pipecc.passes.graph_facts import ValueKind, compute_nodes, grad_nodes, output_node, value_kind
 from pipecc.passes.partition import InFlight, PartitionProblem, StagePlace, partition_problem, place_stages
 
@@ -50,7 +52,40 @@ def split_stages(captured: Captured, partition: Partition, costs: CostTable, *,
             cost=cost,
             graph=module,
         ))
-    return tuple(stages)
+    return _with_tied_sync(tuple(stages), costs.device, cluster)
+
+
+TIED_SYNC_TRANSFERS = 2  # send this rank's gradient and take each peer's, then sum: about two one-way transfers
+
+
+def _with_tied_sync(stages: tuple[Stage, ...], device: DeviceSpec, cluster: Cluster | None) -> tuple[Stage, ...]:
+    """`stages` with each rank's first stage charged the rank's tied-weight gradient exchange
+    (StageCost.sync_ms): per parameter it shares, per peer holding it, TIED_SYNC_TRANSFERS one-way
+    transfers of the gradient over the link to that peer (the runtime posts them all, then waits).
+    Measured on GPT's 8.4 MB tied embedding over 2 local gloo ranks: 3.3 ms after the last action,
+    against 3.6 ms predicted on the calibrated link."""
+    shared = shared_parameters(stages)
+    if not shared:
+        return stages
+    num_ranks = max(s.rank for s in stages) + 1
+    cluster = Cluster.uniform(num_ranks) if cluster is None else cluster
+    default = LinkSpec.of(device)
+    sizes: dict[str, int] = {}
+    for stage in stages:
+        params = dict(stage.graph.named_parameters(remove_duplicate=False))
+        for b in stage.params:
+            if b.canonical_name in shared:
+                sizes[b.canonical_name] = params[b.local_name].numel() * params[b.local_name].element_size()
+    sync = [0.0] * num_ranks
+    for name, ranks in shared.items():
+        for rank in ranks:
+            sync[rank] += sum(TIED_SYNC_TRANSFERS * cluster.link(rank, peer, default).transfer_ms(sizes[name], 1)
+                              for peer in ranks if peer != rank)
+    first = {}
+    for stage in stages:
+        first.setdefault(stage.rank, stage.index)
+    return tuple(dataclasses.replace(s, cost=dataclasses.replace(s.cost, sync_ms=sync[s.rank]))
+                 if first[s.rank] == s.index and sync[s.rank] else s for s in stages)
 
 
 def _bounds(node_names: Sequence[str], partition: Partition) -> list[int]:

@@ -200,3 +200,26 @@ def test_prediction_beside_a_measured_step() -> None:
     assert lines[0] == "predicted vs measured:" and lines[1].split() == "rank busy ms pred busy ms meas ratio bubble pred bubble meas".split()
     assert [line.split()[0] for line in lines[2:4]] == ["0", "1"]
     assert lines[4].startswith(f"step time: predicted {plan.simulate().step_time_ms:.3f} ms, measured ")
+
+
+def test_tied_weights_on_two_ranks_cost_their_gradient_exchange() -> None:
+    """GPT's token embedding is also its output head: on two ranks, each rank's first stage carries
+    the exchange of that gradient (two one-way transfers over the link), and the step ends that much
+    after the last action; under ZB-V both ends sit on rank 0 and nothing is exchanged."""
+    import pipecc
+    from pipecc.cluster import LinkSpec
+    from pipecc.passes.split_stages import TIED_SYNC_TRANSFERS
+    from models import build
+
+    model, inputs, loss_fn, target = build("gpt")
+    tied_bytes = model.tok_emb.weight.numel() * 4
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=4)
+    expected = TIED_SYNC_TRANSFERS * LinkSpec.of(plan.device).transfer_ms(tied_bytes, 1)
+    assert [s.cost.sync_ms for s in plan.stages] == pytest.approx([expected, expected])
+    without = simulate(plan.schedule, [replace(s.cost, sync_ms=0.0) for s in plan.stages])
+    assert plan.simulate().step_time_ms == pytest.approx(without.step_time_ms + expected)
+
+    v_plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=4, num_ranks=2,
+                            num_microbatches=4, schedule="zbv")
+    assert {s.rank for s in v_plan.stages if "tok_emb" in str([b.canonical_name for b in s.params])} == {0}
+    assert all(s.cost.sync_ms == 0.0 for s in v_plan.stages)
