@@ -35,6 +35,7 @@ class _Work:
     saved_bytes: int
     is_view: bool
     has_input_grad: bool  # some input needs a gradient, so B does work here
+    is_conv: bool = False  # its forward runs a convolution (timed at DeviceSpec.conv_flops)
 
 
 def annotate_costs(captured: Captured, device: DeviceSpec) -> CostTable:
@@ -85,6 +86,7 @@ class NodeWork:
     saved_bytes: int
     has_input_grad: bool
     trainable: bool
+    is_conv: bool = False
 
 
 def node_work(node: fx.Node, tensors: dict[str, torch.Tensor], work: _Work, value_of: ValueOf = meta_value) -> NodeWork:
@@ -108,6 +110,7 @@ def node_work(node: fx.Node, tensors: dict[str, torch.Tensor], work: _Work, valu
         saved_bytes=work.saved_bytes,
         has_input_grad=work.has_input_grad,
         trainable=trainable,
+        is_conv=work.is_conv,
     )
 
 
@@ -127,10 +130,10 @@ def node_cost(work: NodeWork, param_names: tuple[str, ...], device: DeviceSpec) 
         output_bytes=work.output_bytes,
         saved_bytes=work.saved_bytes,
         param_names=param_names,
-        forward_ms=device.compute_ms(work.flops_forward, work.bytes_forward),
-        backward_input_ms=(device.compute_ms(work.flops_backward_input, work.bytes_backward_input)
+        forward_ms=device.compute_ms(work.flops_forward, work.bytes_forward, work.is_conv),
+        backward_input_ms=(device.compute_ms(work.flops_backward_input, work.bytes_backward_input, work.is_conv)
                            if work.has_input_grad else 0.0),
-        backward_weight_ms=(device.compute_ms(work.flops_backward_weight, work.bytes_backward_weight)
+        backward_weight_ms=(device.compute_ms(work.flops_backward_weight, work.bytes_backward_weight, work.is_conv)
                             if work.trainable else 0.0),
     )
 
@@ -254,6 +257,7 @@ def measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], val
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = call()
     flops_forward = counter.get_total_flops()
+    is_conv = any("convolution" in str(op) for op in counter.get_flop_counts().get("Global", {}))
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     is_view = bool(outputs) and all(StorageWeakRef(t.untyped_storage()) in input_storages for t in outputs)
     differentiable = [t for t in outputs if t.requires_grad]
@@ -261,7 +265,7 @@ def measure_in_mode(gm: fx.GraphModule, node: fx.Node, needs_grad: set[str], val
     flops_b = _backward_flops(differentiable, activations)
     flops_w = _backward_flops(differentiable, trainable)
     return _Work(flops_forward, flops_b, flops_w, sum(saved.values()), is_view,
-                 bool(activations) and bool(differentiable))
+                 bool(activations) and bool(differentiable), is_conv)
 
 
 def _backward_flops(outputs: list[torch.Tensor], wrt: list[torch.Tensor]) -> int:

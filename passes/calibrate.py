@@ -3,15 +3,16 @@ runtime's per-action, per-message and per-step overheads, link latency and bandw
 measured on this machine.
 
 The analytic cost model predicts a stage's forward as the sum over its nodes of the roofline
-`max(flops / peak_flops, bytes / bandwidth) + op_overhead`, and its backward the same way
+`max(flops / peak_flops, bytes / bandwidth) + op_overhead` (a convolution's FLOPs at
+conv_flops instead: on a CPU core they run at about half the matmul rate), and its backward the same way
 from the B and W work; the simulator adds the runtime's own overheads. The samples come from
 the runtime's measured timeline (`action_samples`): one `StageSample` per stage and action
 kind, pairing the mean duration of that action in real pipelined steps with the work of
 every node it ran. `fit_compute` finds the numbers that make the sums (plus one action
 overhead per sample) closest to the measurements, in relative error (so a small model counts as
-much as a large one). It is a grid search on (peak, bandwidth) in log space, with the two
-overheads solved in closed form at each point (the prediction is linear in them), then a finer
-grid around the best: no local minimum traps, and about 10 ms of numpy.
+much as a large one). It is a grid search on (peak, bandwidth, conv rate) in log space, with the
+two overheads solved in closed form at each point (the prediction is linear in them), then a
+finer grid around the best: no local minimum traps, and well under a second of numpy.
 
 Messages and steps are read off the same timelines (`fit_runtime`): posting a send costs its
 rank the median send action's time, and a step costs the median time between the wall-clock
@@ -45,6 +46,7 @@ class StageSample:
     flops: tuple[int, ...]
     bytes_moved: tuple[int, ...]
     measured_ms: float
+    conv: tuple[bool, ...] = ()  # per term: a convolution (timed at conv_flops); () for none
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ComputeFit:
     op_overhead_ms: float
     rms_relative_error: float  # over the samples it was fitted to
     action_overhead_ms: float = 0.0
+    conv_flops: float = 0.0  # 0: no convolution among the samples, so peak_flops is used for them
 
 
 @dataclass(frozen=True)
@@ -98,16 +101,17 @@ def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
     for (stage, kind), times in sorted(durations.items(), key=lambda item: (item[0][0], list(ActionKind).index(item[0][1]))):
         nodes = [works[n] for n in stages[stage].node_names if n in works]
         terms = _action_terms(nodes, kind)
-        samples.append(StageSample(f"{label} stage {stage} {kind.name} (mb {mb})", *_columns(terms),
-                                   statistics.mean(times)))
+        flops, bytes_moved, conv = _columns(terms)
+        samples.append(StageSample(f"{label} stage {stage} {kind.name} (mb {mb})", flops, bytes_moved,
+                                   statistics.mean(times), conv))
     return samples
 
 
-def _action_terms(nodes: Sequence[NodeWork], kind: ActionKind) -> list[tuple[int, int]]:
-    """The (flops, bytes) terms node_cost times for `kind` on these nodes (none where there is no such work)."""
-    forward = [(w.flops_forward, w.bytes_forward) for w in nodes]
-    backward_input = [(w.flops_backward_input, w.bytes_backward_input) for w in nodes if w.has_input_grad]
-    backward_weight = [(w.flops_backward_weight, w.bytes_backward_weight) for w in nodes if w.trainable]
+def _action_terms(nodes: Sequence[NodeWork], kind: ActionKind) -> list[tuple[int, int, bool]]:
+    """The (flops, bytes, is_conv) terms node_cost times for `kind` on these nodes (none where there is no such work)."""
+    forward = [(w.flops_forward, w.bytes_forward, w.is_conv) for w in nodes]
+    backward_input = [(w.flops_backward_input, w.bytes_backward_input, w.is_conv) for w in nodes if w.has_input_grad]
+    backward_weight = [(w.flops_backward_weight, w.bytes_backward_weight, w.is_conv) for w in nodes if w.trainable]
     match kind:
         case ActionKind.F:
             return forward
@@ -133,20 +137,22 @@ def _span_ms(events: Sequence[TimedAction]) -> float:
     return max(e.end_ms for e in events) - min(e.start_ms for e in events)
 
 
-def _columns(terms: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    terms = [t for t in terms if t != (0, 0)]  # DeviceSpec.compute_ms charges nothing, not even overhead
-    return tuple(f for f, _ in terms), tuple(b for _, b in terms)
+def _columns(terms: list[tuple[int, int, bool]]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    terms = [t for t in terms if t[:2] != (0, 0)]  # DeviceSpec.compute_ms charges nothing, not even overhead
+    return tuple(f for f, _, _ in terms), tuple(b for _, b, _ in terms), tuple(c for _, _, c in terms)
 
 
 def predict_ms(sample: StageSample, device: DeviceSpec) -> float:
     """The analytic prediction for `sample` on `device`: the sum split_stages makes, plus the action
     overhead the simulator adds."""
-    return sum(device.compute_ms(f, b) for f, b in zip(sample.flops, sample.bytes_moved)) + device.action_overhead_ms
+    conv = sample.conv or (False,) * len(sample.flops)
+    return sum(device.compute_ms(f, b, c) for f, b, c in zip(sample.flops, sample.bytes_moved, conv)) \
+        + device.action_overhead_ms
 
 
 def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
-    """Peak FLOP/s, bandwidth, per-op and per-action overhead minimising the RMS relative error of
-    the samples."""
+    """Peak FLOP/s, convolution FLOP/s, bandwidth, per-op and per-action overhead minimising the RMS
+    relative error of the samples."""
     if len(samples) < 3:
         raise ConfigError(f"calibration needs at least 3 stage samples, got {len(samples)}.\n"
                           "Give it more models, stages or micro-batch sizes.")
@@ -154,34 +160,43 @@ def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
     if not np.all(measured > 0):
         raise ConfigError("a calibration sample has a non-positive measured time; the timer failed.")
     count = np.array([len(s.flops) for s in samples], dtype=np.float64)
-    log_peak, log_bw = np.log10(1e8), np.log10(1e8)
-    span = 5.0
-    for step in range(4):  # a coarse grid over 5 decades, then three finer ones around the best point
-        peaks = 10 ** np.linspace(log_peak - (span if step else 0), log_peak + span, 41)
-        bws = 10 ** np.linspace(log_bw - (span if step else 0), log_bw + span, 41)
-        best = _best_on_grid(samples, measured, count, peaks, bws)
-        log_peak, log_bw = np.log10(best[0]), np.log10(best[1])
+    has_conv = any(any(s.conv) for s in samples)
+    # a coarse grid over 5 decades per rate (log10 peak, bandwidth, conv rate), then three finer ones
+    # around the best point; without convolutions their rate is not a dimension
+    centre = np.log10([1e8, 1e8, 1e8])
+    span, points = 5.0, 21
+    for step in range(4):
+        axes = [10 ** np.linspace(c - (span if step else 0), c + span, points) for c in centre]
+        if not has_conv:
+            axes[2] = np.array([0.0])
+        best = _best_on_grid(samples, measured, count, *axes)
+        centre = np.log10([best[0], best[1], best[2] or 1.0])
         span = span / 8 if step else 0.5
-    peak, bw, op, action, error = _best_on_grid(samples, measured, count, np.array([10 ** log_peak]),
-                                                np.array([10 ** log_bw]))
-    return ComputeFit(float(peak), float(bw), float(op), float(error), float(action))
+    peak, bw, conv, op, action, error = _best_on_grid(samples, measured, count, *(
+        np.array([10 ** c]) for c in centre[:2]), np.array([best[2]]))
+    return ComputeFit(float(peak), float(bw), float(op), float(error), float(action), float(conv))
 
 
 def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: np.ndarray, peaks: np.ndarray,
-                  bws: np.ndarray) -> tuple[float, float, float, float, float]:
-    """(peak, bandwidth, op overhead, action overhead, rms relative error) of the best grid point."""
-    # roofline[s, i, j]: sample s's summed max(flops/peak_i, bytes/bw_j) in ms
-    roofline = np.zeros((len(samples), len(peaks), len(bws)))
-    for k, s in enumerate(samples):
+                  bws: np.ndarray, convs: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """(peak, bandwidth, conv rate, op overhead, action overhead, rms relative error) of the best grid
+    point; a conv rate of 0 times convolutions at the peak."""
+    # roofline[s, i, j, k]: sample s's summed max(flops/rate, bytes/bw_j) in ms, where the rate is
+    # peak_i, or conv_k for a convolution
+    roofline = np.zeros((len(samples), len(peaks), len(bws), len(convs)))
+    for n, s in enumerate(samples):
         if not s.flops:
             continue
-        f = np.array(s.flops, dtype=np.float64)[:, None, None] / peaks[None, :, None]
-        b = np.array(s.bytes_moved, dtype=np.float64)[:, None, None] / bws[None, None, :]
-        roofline[k] = np.maximum(f, b).sum(axis=0) * 1e3
-    residual = measured[:, None, None] - roofline
+        is_conv = np.array(s.conv or (False,) * len(s.flops))[:, None, None, None]
+        rate = np.where(is_conv & (convs[None, None, None, :] > 0), convs[None, None, None, :],
+                        peaks[None, :, None, None])
+        f = np.array(s.flops, dtype=np.float64)[:, None, None, None] / rate
+        b = np.array(s.bytes_moved, dtype=np.float64)[:, None, None, None] / bws[None, None, :, None]
+        roofline[n] = np.maximum(f, b).sum(axis=0) * 1e3
+    residual = measured[:, None, None, None] - roofline
     op, action, error = _overheads(residual, measured, count)
-    i, j = np.unravel_index(np.argmin(error), error.shape)
-    return peaks[i], bws[j], op[i, j], action[i, j], error[i, j]
+    i, j, k = np.unravel_index(np.argmin(error), error.shape)
+    return peaks[i], bws[j], convs[k], op[i, j, k], action[i, j, k], error[i, j, k]
 
 
 def _overheads(residual: np.ndarray, measured: np.ndarray, count: np.ndarray
@@ -195,8 +210,9 @@ def _overheads(residual: np.ndarray, measured: np.ndarray, count: np.ndarray
     >>> round(float(o[0, 0]), 6), round(float(a[0, 0]), 6), round(float(err[0, 0]), 6)
     (2.0, 1.0, 0.0)
     """
-    w = (1.0 / measured**2)[:, None, None]
-    c = count[:, None, None]
+    grid = (slice(None),) + (None,) * (residual.ndim - 1)  # a sample's numbers against every grid point
+    w = (1.0 / measured**2)[grid]
+    c = count[grid]
     s_cc, s_c, s_1 = (w * c * c).sum(0), (w * c).sum(0), w.sum(0)
     s_cr, s_r = (w * c * residual).sum(0), (w * residual).sum(0)
     det = s_cc * s_1 - s_c**2
@@ -208,7 +224,7 @@ def _overheads(residual: np.ndarray, measured: np.ndarray, count: np.ndarray
     best_error = np.full(residual.shape[1:], np.inf)
     best_op, best_action = np.zeros_like(best_error), np.zeros_like(best_error)
     for op, action in candidates:
-        error = np.sqrt((((residual - c * op[None] - action[None]) / measured[:, None, None]) ** 2).mean(0))
+        error = np.sqrt((((residual - c * op[None] - action[None]) / measured[grid]) ** 2).mean(0))
         better = (op >= 0) & (action >= 0) & (error < best_error)
         best_error = np.where(better, error, best_error)
         best_op, best_action = np.where(better, op, best_op), np.where(better, action, best_action)
@@ -256,7 +272,7 @@ def calibrated_device(base: DeviceSpec, name: str, compute: ComputeFit,
                       link: tuple[float, float] | None, runtime: RuntimeFit | None = None) -> DeviceSpec:
     """`base` with the fitted numbers; link fields (and the runtime's overheads) kept from `base`
     when `link` (`runtime`) is None."""
-    spec = dataclasses.replace(base, name=name, peak_flops=compute.peak_flops,
+    spec = dataclasses.replace(base, name=name, peak_flops=compute.peak_flops, conv_flops=compute.conv_flops,
                                memory_bandwidth_bytes_per_s=compute.memory_bandwidth_bytes_per_s,
                                op_overhead_ms=compute.op_overhead_ms, action_overhead_ms=compute.action_overhead_ms)
     if runtime is not None:

@@ -55,10 +55,11 @@ class WorkFormula:
     saved_bytes: sympy.Expr
     has_input_grad: bool
     trainable: bool
+    is_conv: bool = False
 
     def at(self, sizes: Mapping[sympy.Symbol, int]) -> NodeWork:
         counts = {name: int(getattr(self, name).subs(sizes)) for name in _INT_FIELDS}
-        return NodeWork(**counts, has_input_grad=self.has_input_grad, trainable=self.trainable)
+        return NodeWork(**counts, has_input_grad=self.has_input_grad, trainable=self.trainable, is_conv=self.is_conv)
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,11 @@ class SymbolicCosts:
     def time_formulas(self, name: str) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
         """Node `name`'s F, B and W times in ms as formulas in b (the roofline of `device`)."""
         w = self.nodes[name]
-        return (roofline_ms(self.device, w.flops_forward, w.bytes_forward),
-                roofline_ms(self.device, w.flops_backward_input, w.bytes_backward_input) if w.has_input_grad
-                else sympy.Integer(0),
-                roofline_ms(self.device, w.flops_backward_weight, w.bytes_backward_weight) if w.trainable
-                else sympy.Integer(0))
+        return (roofline_ms(self.device, w.flops_forward, w.bytes_forward, w.is_conv),
+                roofline_ms(self.device, w.flops_backward_input, w.bytes_backward_input, w.is_conv)
+                if w.has_input_grad else sympy.Integer(0),
+                roofline_ms(self.device, w.flops_backward_weight, w.bytes_backward_weight, w.is_conv)
+                if w.trainable else sympy.Integer(0))
 
 
 def check_sizes(traced: SymbolicCosts | StageFormulas, microbatch_size: int,
@@ -122,11 +123,11 @@ def check_sizes(traced: SymbolicCosts | StageFormulas, microbatch_size: int,
     return sizes
 
 
-def roofline_ms(device: DeviceSpec, flops: sympy.Expr, bytes_moved: sympy.Expr) -> sympy.Expr:
+def roofline_ms(device: DeviceSpec, flops: sympy.Expr, bytes_moved: sympy.Expr, conv: bool = False) -> sympy.Expr:
     """DeviceSpec.compute_ms as a formula: max(compute, memory) time plus the per-op overhead."""
     if flops == 0 and bytes_moved == 0:
         return sympy.Integer(0)
-    seconds = sympy.Max(flops / sympy.Float(device.peak_flops), bytes_moved / sympy.Float(device.memory_bandwidth_bytes_per_s))
+    seconds = sympy.Max(flops / sympy.Float(device.flops_per_s(conv)), bytes_moved / sympy.Float(device.memory_bandwidth_bytes_per_s))
     return seconds * 1000 + sympy.Float(device.op_overhead_ms)
 
 
@@ -214,7 +215,8 @@ def _formula(counts: NodeWork, shape_env: ShapeEnv, symbols: Mapping[sympy.Symbo
         return sympy.Integer(int(value))
 
     counts_b = {name: expr(getattr(counts, name)) for name in _INT_FIELDS}
-    return WorkFormula(**counts_b, has_input_grad=bool(counts.has_input_grad), trainable=bool(counts.trainable))
+    return WorkFormula(**counts_b, has_input_grad=bool(counts.has_input_grad), trainable=bool(counts.trainable),
+                       is_conv=counts.is_conv)
 
 
 def _specialization(shape_env: ShapeEnv, symbols: Mapping[sympy.Symbol, Sequence[sympy.Expr]]) -> str | None:

@@ -26,9 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = DeviceSpec.preset("cpu")
 
 
-def _synthetic_samples(truth: DeviceSpec, num_samples: int = 24, seed: int = 0) -> list[StageSample]:
+def _synthetic_samples(truth: DeviceSpec, num_samples: int = 24, seed: int = 0,
+                       conv: bool = False) -> list[StageSample]:
     """Stage samples whose 'measured' times are exactly what `truth` predicts: matmul-like terms
-    (compute bound) and element-wise terms (memory bound) of many sizes."""
+    (compute bound) and element-wise terms (memory bound) of many sizes; with `conv`, some of the
+    compute-bound terms are convolutions."""
     rng = random.Random(seed)
     samples = []
     for k in range(num_samples):
@@ -36,7 +38,8 @@ def _synthetic_samples(truth: DeviceSpec, num_samples: int = 24, seed: int = 0) 
         flops = tuple(rng.choice([0, 10 ** rng.uniform(5, 9)]) for _ in range(n))
         moved = tuple(int(10 ** rng.uniform(3, 7)) for _ in range(n))
         flops = tuple(int(f) for f in flops)
-        sample = StageSample(f"s{k}", flops, moved, 0.0)
+        is_conv = tuple(conv and f > 0 and rng.random() < 0.5 for f in flops) if conv else ()
+        sample = StageSample(f"s{k}", flops, moved, 0.0, is_conv)
         samples.append(dataclasses.replace(sample, measured_ms=predict_ms(sample, truth)))
     return samples
 
@@ -53,6 +56,18 @@ def test_fit_recovers_the_device_that_produced_the_times(action_overhead_ms: flo
     assert fit.rms_relative_error < 0.02
     # and the preset, a wrong guess for these "measurements", is far off
     assert max(abs(predict_ms(s, CPU) / s.measured_ms - 1) for s in _synthetic_samples(truth)) > 0.5
+
+
+def test_fit_recovers_a_convolution_rate_of_its_own() -> None:
+    truth = dataclasses.replace(CPU, peak_flops=30e9, conv_flops=12e9, memory_bandwidth_bytes_per_s=2e9,
+                                op_overhead_ms=0.02, action_overhead_ms=0.1)
+    samples = _synthetic_samples(truth, conv=True)
+    fit = fit_compute(samples)
+    assert fit.peak_flops == pytest.approx(truth.peak_flops, rel=0.03)
+    assert fit.conv_flops == pytest.approx(truth.conv_flops, rel=0.03)
+    assert fit.rms_relative_error < 0.02
+    # with one rate for both, the same times fit worse
+    assert fit_compute([dataclasses.replace(s, conv=()) for s in samples]).rms_relative_error > 0.05
 
 
 def test_too_few_samples_is_a_config_error() -> None:

@@ -149,3 +149,21 @@ def test_measurement_cache_tells_apart_modules_whose_repr_hides_a_setting() -> N
         captured = capture(_Attention(heads), (x,), F.mse_loss, target, num_microbatches=1)
         saved[heads] = annotate_costs(captured, CPU)["attn"].saved_bytes
     assert saved[8] - saved[1] == 2 * (8 - 1) * 8 * 8 * FLOAT  # (B, heads, T, T) attention weights
+
+
+def test_convolutions_are_timed_at_the_conv_rate() -> None:
+    """A device with conv_flops times convolution nodes at that rate and every other node as before."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(32 * 8 * 8, 10))
+    captured = capture(model, (torch.randn(4, 16, 8, 8),), torch.nn.functional.cross_entropy,
+                       torch.randint(0, 10, (4,)), num_microbatches=1)
+    compute_bound = DeviceSpec("c", peak_flops=1e9, memory_bandwidth_bytes_per_s=1e15, link_bandwidth_bytes_per_s=1e9,
+                               link_latency_ms=0.0, memory_capacity_bytes=1 << 30, op_overhead_ms=0.0)
+    same = annotate_costs(captured, compute_bound)
+    slow_conv = annotate_costs(captured, dataclasses.replace(compute_bound, conv_flops=0.25e9))
+    ratios = {name: slow_conv[name].total_ms / same[name].total_ms for name in same.nodes if same[name].total_ms}
+    gm = captured.graph_module
+    conv = [n.name for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), torch.nn.Conv2d)]
+    assert [round(ratios[n], 6) for n in conv] == [4.0]
+    assert all(r == pytest.approx(1.0) for n, r in ratios.items() if n not in conv)
