@@ -69,11 +69,13 @@ class ComputeFit:
 class MeasuredStep:
     """One pipelined step as measured: the wall-clock time of the slowest rank from a common
     barrier to the end of its step, every rank's recorded actions (when the timeline was
-    recorded), and the busiest rank's CPU time in the step."""
+    recorded), the busiest rank's CPU time in the step, and the tied-weight gradient exchange
+    after the actions (the shortest rank's: the others also wait for the last to finish)."""
 
     wall_ms: float
     events: tuple[TimedAction, ...] = ()
     cpu_ms: float = 0.0
+    tied_sync_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,11 @@ def _action_terms(nodes: Sequence[NodeWork], kind: ActionKind) -> list[tuple[int
 
 def fit_runtime(steps: Sequence[MeasuredStep]) -> RuntimeFit:
     """The runtime's message and step overheads, from measured steps (medians: other jobs on a shared
-    machine only ever add time)."""
+    machine only ever add time). The step overhead leaves out the tied-weight exchange, which the
+    simulator charges by itself (StageCost.sync_ms)."""
     sends = [e.end_ms - e.start_ms for step in steps for e in step.events
              if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
-    outside = [max(0.0, step.wall_ms - _span_ms(step.events)) for step in steps if step.events]
+    outside = [max(0.0, step.wall_ms - _span_ms(step.events) - step.tied_sync_ms) for step in steps if step.events]
     return RuntimeFit(statistics.median(sends) if sends else 0.0, statistics.median(outside) if outside else 0.0)
 
 

@@ -185,11 +185,12 @@ def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, nu
             dist.barrier()
             start, start_cpu = time.perf_counter(), time.process_time()
             runner.step(*inputs, target=target)
-            elapsed = torch.tensor([(time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            elapsed = torch.tensor([(time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3,
+                                    -runner.last_shared_sync_ms])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # slowest wall and CPU time, shortest tied exchange
             events = runner.gather_events() if record_timeline else ()
             if step > 0:  # the first step warms up allocators and connections
-                times[k].append(MeasuredStep(float(elapsed[0]), tuple(events), float(elapsed[1])))
+                times[k].append(MeasuredStep(float(elapsed[0]), tuple(events), float(elapsed[1]), -float(elapsed[2])))
     return times
 
 

@@ -125,6 +125,9 @@ def test_runtime_fit_reads_messages_and_steps_off_the_timeline() -> None:
     fit = fit_runtime(steps)
     assert fit.message_overhead_ms == pytest.approx(0.2)  # the median send
     assert fit.step_overhead_ms == pytest.approx(1.7)  # the median of 1.4, 2.8 and 1.7 ms outside the actions
+    # the tied-weight exchange after the actions is the simulator's sync_ms, not step overhead
+    with_sync = [dataclasses.replace(s, wall_ms=s.wall_ms + 3.0, tied_sync_ms=3.0) for s in steps]
+    assert fit_runtime(with_sync).step_overhead_ms == pytest.approx(1.7)
     device = calibrated_device(CPU, "x", ComputeFit(1e9, 1e9, 0.0, 0.0, 0.3), None, fit)
     assert (device.action_overhead_ms, device.message_overhead_ms, device.step_overhead_ms) == (0.3, fit.message_overhead_ms,
                                                                                                 fit.step_overhead_ms)

@@ -48,7 +48,7 @@ def test_measure_local_times_every_action(schedule: str) -> None:
     assert all(a.end_ms <= b.start_ms for a, b in zip(ordered, ordered[1:]))
 
 
-def _dist_timeline(schedule: str) -> tuple[tuple[TimedAction, ...], str, dict[str, torch.Tensor]]:
+def _dist_timeline(schedule: str) -> tuple[tuple[TimedAction, ...], str, dict[str, torch.Tensor], float]:
     plan = _plan(schedule)
     _, inputs, _, target = build("gpt")
     quiet = plan.runner(timeout_s=120)
@@ -62,7 +62,8 @@ def _dist_timeline(schedule: str) -> tuple[tuple[TimedAction, ...], str, dict[st
     for param in runner.parameters():
         param.grad = None
     runner.step(*inputs, target=target)
-    return runner.gather_events(), refused, {n: p.grad.clone() for n, p in runner.named_parameters()}
+    return (runner.gather_events(), refused, {n: p.grad.clone() for n, p in runner.named_parameters()},
+            runner.last_shared_sync_ms)
 
 
 @pytest.mark.dist
@@ -81,3 +82,5 @@ def test_gloo_events_cover_every_rank() -> None:
     assert all(result[0] == events for result in per_rank)
     assert_covers_schedule(events, _plan("zb-h1").schedule)
     assert all("record_timeline=True" in result[1] for result in per_rank)
+    # both ranks hold the tied embedding, and each times its gradient exchange (calibration reads it)
+    assert all(result[3] > 0 for result in per_rank)

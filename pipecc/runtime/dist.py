@@ -268,6 +268,7 @@ class DistRunner:
         self._num_steps = 0
         self.record_timeline = record_timeline  # timestamps of every action: gather_events() after a step
         self._events: tuple[TimedAction, ...] | None = None
+        self.last_shared_sync_ms = 0.0  # the last step's tied-weight gradient exchange, waits for peers included
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters, under their names in the original model (each once)."""
@@ -296,7 +297,9 @@ class DistRunner:
                 loss = executor.run(self.actions, inputs, target)
             if recorder is not None:
                 self._events = recorder.events()
+            synced = time.perf_counter()
             self._sum_shared_grads(params, before, shared_receives)
+            self.last_shared_sync_ms = (time.perf_counter() - synced) * 1e3
             if broadcast_loss:
                 loss = self._broadcast_loss(loss)
         except Exception as err:
