@@ -2,6 +2,7 @@
 
     python benchmarks/schedules.py                                  # GPT example, 1f1b zb-h1 zbv auto, m = 8
     python benchmarks/schedules.py --calibrate                      # predict with a device spec fitted here first
+                                                                    # (to every example's 1F1B actions, ~45 s)
     python benchmarks/schedules.py --model examples/bert.py:build --schedules 1f1b zbv --steps 10
 
 For each schedule: pipecc compiles the model for 2 ranks (2 stages, or 4 for the V schedules),
@@ -37,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="measured steps per schedule (after one warm-up)")
     parser.add_argument("--device", default="cpu", help="device preset or JSON the predictions use")
     parser.add_argument("--calibrate", action="store_true", help="fit a device spec to this machine first")
+    parser.add_argument("--fit-models", nargs="+", default=None, metavar="MODEL",
+                        help="the models --calibrate fits to (default: the five examples; one model alone "
+                             "cannot tell the per-action overhead from the per-op one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as each rank runs
     device = args.device
     if args.calibrate:
         start = time.perf_counter()
-        fitted = calibrate([args.model])
+        examples = Path(_ROOT) / "examples"
+        fitted = calibrate(args.fit_models or [f"{examples / m}.py:build" for m in ("gpt", "bert", "mlp", "resnet", "unet")])
         device = write_device(fitted.device, os.path.join(tempfile.mkdtemp(prefix="pipecc-schedules-"), "device.json"))
         print(f"calibrated in {time.perf_counter() - start:.1f} s: {fitted.summary()}")
     variants = [Variant(schedule=s, device=str(device), num_microbatches=args.microbatches) for s in args.schedules]
