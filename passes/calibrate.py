@@ -3,14 +3,15 @@ runtime's per-action, per-message and per-step overheads, link latency and bandw
 measured on this machine.
 
 The analytic cost model predicts a stage's forward as the sum over its nodes of the roofline
-`max(flops / peak_flops, bytes / bandwidth) + op_overhead` (a convolution's FLOPs at
-conv_flops instead: on a CPU core they run at about half the matmul rate), and its backward the same way
+`max(flops / peak_flops, bytes / bandwidth) + op_overhead` (a convolution on a roofline of its
+own, conv_flops and conv_bandwidth: on a CPU core a convolution with few channels is far from
+the matmul rate, and the element-wise ops far from its bandwidth), and its backward the same way
 from the B and W work; the simulator adds the runtime's own overheads. The samples come from
 the runtime's measured timeline (`action_samples`): one `StageSample` per stage and action
 kind, pairing the mean duration of that action in real pipelined steps with the work of
 every node it ran. `fit_compute` finds the numbers that make the sums (plus one action
 overhead per sample) closest to the measurements, in relative error (so a small model counts as
-much as a large one). It is a grid search on (peak, bandwidth, conv rate) in log space, with the
+much as a large one). It is a grid search on the four rates in log space, with the
 two overheads solved in closed form at each point (the prediction is linear in them), then a
 finer grid around the best: no local minimum traps, and well under a second of numpy.
 
@@ -63,6 +64,7 @@ class ComputeFit:
     rms_relative_error: float  # over the samples it was fitted to
     action_overhead_ms: float = 0.0
     conv_flops: float = 0.0  # 0: no convolution among the samples, so peak_flops is used for them
+    conv_bandwidth_bytes_per_s: float = 0.0  # likewise
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,8 @@ def predict_ms(sample: StageSample, device: DeviceSpec) -> float:
 
 
 def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
-    """Peak FLOP/s, convolution FLOP/s, bandwidth, per-op and per-action overhead minimising the RMS
-    relative error of the samples."""
+    """Peak FLOP/s and bandwidth, the convolutions' FLOP/s and bandwidth, per-op and per-action
+    overhead minimising the RMS relative error of the samples."""
     if len(samples) < 3:
         raise ConfigError(f"calibration needs at least 3 stage samples, got {len(samples)}.\n"
                           "Give it more models, stages or micro-batch sizes.")
@@ -164,42 +166,44 @@ def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
         raise ConfigError("a calibration sample has a non-positive measured time; the timer failed.")
     count = np.array([len(s.flops) for s in samples], dtype=np.float64)
     has_conv = any(any(s.conv) for s in samples)
-    # a coarse grid over 5 decades per rate (log10 peak, bandwidth, conv rate), then three finer ones
-    # around the best point; without convolutions their rate is not a dimension
-    centre = np.log10([1e8, 1e8, 1e8])
-    span, points = 5.0, 21
-    for step in range(4):
-        axes = [10 ** np.linspace(c - (span if step else 0), c + span, points) for c in centre]
+    # log10 of (peak, bandwidth, conv rate, conv bandwidth): a grid of half-decade steps over
+    # 10^6..10^13, then finer grids (a third of the span each time) around the best point; without
+    # convolutions their two rates are not dimensions (0: the general ones)
+    centre = np.full(4, 9.5)
+    span = 3.5
+    for _ in range(7):
+        axes = [10 ** np.linspace(c - span, c + span, 15 if has_conv else 41) for c in centre]
         if not has_conv:
-            axes[2] = np.array([0.0])
+            axes[2:] = [np.array([0.0]), np.array([0.0])]
         best = _best_on_grid(samples, measured, count, *axes)
-        centre = np.log10([best[0], best[1], best[2] or 1.0])
-        span = span / 8 if step else 0.5
-    peak, bw, conv, op, action, error = _best_on_grid(samples, measured, count, *(
-        np.array([10 ** c]) for c in centre[:2]), np.array([best[2]]))
-    return ComputeFit(float(peak), float(bw), float(op), float(error), float(action), float(conv))
+        centre = np.log10([max(r, 1.0) for r in best[:4]])
+        span /= 3
+    peak, bw, conv, conv_bw, op, action, error = best
+    return ComputeFit(float(peak), float(bw), float(op), float(error), float(action), float(conv), float(conv_bw))
 
 
 def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: np.ndarray, peaks: np.ndarray,
-                  bws: np.ndarray, convs: np.ndarray) -> tuple[float, float, float, float, float, float]:
-    """(peak, bandwidth, conv rate, op overhead, action overhead, rms relative error) of the best grid
-    point; a conv rate of 0 times convolutions at the peak."""
-    # roofline[s, i, j, k]: sample s's summed max(flops/rate, bytes/bw_j) in ms, where the rate is
-    # peak_i, or conv_k for a convolution
-    roofline = np.zeros((len(samples), len(peaks), len(bws), len(convs)))
+                  bws: np.ndarray, conv_rates: np.ndarray, conv_bws: np.ndarray) -> tuple[float, ...]:
+    """(peak, bandwidth, conv rate, conv bandwidth, op overhead, action overhead, rms relative
+    error) of the best grid point; conv rates of 0 time convolutions at the general ones."""
+    # roofline[s, i, j, k, l]: sample s's summed max(flops / rate, bytes / bandwidth) in ms, where
+    # (rate, bandwidth) is (peak_i, bw_j), or (conv_rate_k, conv_bw_l) for a convolution
+    shape = (len(peaks), len(bws), len(conv_rates), len(conv_bws))
+    roofline = np.zeros((len(samples), *shape))
+    peak, bw = peaks[:, None, None, None], bws[None, :, None, None]
+    conv_rate = np.where(conv_rates[None, None, :, None] > 0, conv_rates[None, None, :, None], peak)
+    conv_bw = np.where(conv_bws[None, None, None, :] > 0, conv_bws[None, None, None, :], bw)
     for n, s in enumerate(samples):
-        if not s.flops:
-            continue
-        is_conv = np.array(s.conv or (False,) * len(s.flops))[:, None, None, None]
-        rate = np.where(is_conv & (convs[None, None, None, :] > 0), convs[None, None, None, :],
-                        peaks[None, :, None, None])
-        f = np.array(s.flops, dtype=np.float64)[:, None, None, None] / rate
-        b = np.array(s.bytes_moved, dtype=np.float64)[:, None, None, None] / bws[None, None, :, None]
-        roofline[n] = np.maximum(f, b).sum(axis=0) * 1e3
-    residual = measured[:, None, None, None] - roofline
+        is_conv = np.array(s.conv or (False,) * len(s.flops), dtype=bool)
+        flops, moved = np.array(s.flops, dtype=np.float64), np.array(s.bytes_moved, dtype=np.float64)
+        for terms, rate, band in ((~is_conv, peak, bw), (is_conv, conv_rate, conv_bw)):
+            if terms.any():
+                f, b = flops[terms][:, None, None, None, None], moved[terms][:, None, None, None, None]
+                roofline[n] += np.maximum(f / rate, b / band).sum(axis=0) * 1e3
+    residual = measured.reshape(-1, 1, 1, 1, 1) - roofline
     op, action, error = _overheads(residual, measured, count)
-    i, j, k = np.unravel_index(np.argmin(error), error.shape)
-    return peaks[i], bws[j], convs[k], op[i, j, k], action[i, j, k], error[i, j, k]
+    i, j, k, m = np.unravel_index(np.argmin(error), error.shape)
+    return peaks[i], bws[j], conv_rates[k], conv_bws[m], op[i, j, k, m], action[i, j, k, m], error[i, j, k, m]
 
 
 def _overheads(residual: np.ndarray, measured: np.ndarray, count: np.ndarray
@@ -276,6 +280,7 @@ def calibrated_device(base: DeviceSpec, name: str, compute: ComputeFit,
     """`base` with the fitted numbers; link fields (and the runtime's overheads) kept from `base`
     when `link` (`runtime`) is None."""
     spec = dataclasses.replace(base, name=name, peak_flops=compute.peak_flops, conv_flops=compute.conv_flops,
+                               conv_bandwidth_bytes_per_s=compute.conv_bandwidth_bytes_per_s,
                                memory_bandwidth_bytes_per_s=compute.memory_bandwidth_bytes_per_s,
                                op_overhead_ms=compute.op_overhead_ms, action_overhead_ms=compute.action_overhead_ms)
     if runtime is not None:

@@ -127,7 +127,7 @@ def roofline_ms(device: DeviceSpec, flops: sympy.Expr, bytes_moved: sympy.Expr, 
     """DeviceSpec.compute_ms as a formula: max(compute, memory) time plus the per-op overhead."""
     if flops == 0 and bytes_moved == 0:
         return sympy.Integer(0)
-    seconds = sympy.Max(flops / sympy.Float(device.flops_per_s(conv)), bytes_moved / sympy.Float(device.memory_bandwidth_bytes_per_s))
+    seconds = sympy.Max(flops / sympy.Float(device.flops_per_s(conv)), bytes_moved / sympy.Float(device.bytes_per_s(conv)))
     return seconds * 1000 + sympy.Float(device.op_overhead_ms)
 
 

@@ -42,7 +42,8 @@ class Calibration:
 
     def summary(self) -> str:
         d = self.device
-        conv = f" (convolutions {d.conv_flops / 1e9:.2f})" if d.conv_flops else ""
+        conv = (f" (convolutions {d.conv_flops / 1e9:.2f} GFLOP/s, {d.conv_bandwidth_bytes_per_s / 1e9:.3f} GB/s)"
+                if d.conv_flops else "")
         return (f"fitted {d.name!r}: {d.peak_flops / 1e9:.2f} GFLOP/s{conv}, memory {d.memory_bandwidth_bytes_per_s / 1e9:.3f} GB/s, "
                 f"op overhead {d.op_overhead_ms * 1e3:.1f} us, action overhead {d.action_overhead_ms * 1e3:.0f} us, "
                 f"message overhead {d.message_overhead_ms * 1e3:.0f} us, step overhead {d.step_overhead_ms:.2f} ms, "

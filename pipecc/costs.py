@@ -30,9 +30,11 @@ class DeviceSpec:
     link_latency_ms: float  # per message
     memory_capacity_bytes: int
     op_overhead_ms: float  # fixed cost per graph node (dispatch, kernel launch)
-    # FLOP/s on convolutions, where they run at another efficiency than matmuls (on one CPU core,
-    # oneDNN convolutions with few channels reach about half the matmul rate); 0: peak_flops.
+    # Convolutions on a roofline of their own, where they run at another efficiency than matmuls
+    # and element-wise ops (on one CPU core, a convolution with few channels at full resolution is
+    # far from both); 0: peak_flops, memory_bandwidth_bytes_per_s.
     conv_flops: float = 0.0
+    conv_bandwidth_bytes_per_s: float = 0.0
     # The runtime's own costs on this device, beyond the graph's ops (0 in the presets; `pipecc
     # calibrate` fits them from measured pipelined steps). Only the simulator charges them.
     action_overhead_ms: float = 0.0  # per compute action (F, B, W, BW): argument plumbing, autograd set-up
@@ -42,9 +44,9 @@ class DeviceSpec:
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bandwidth_bytes_per_s", "link_bandwidth_bytes_per_s",
                      "memory_capacity_bytes", "link_latency_ms", "op_overhead_ms", "action_overhead_ms",
-                     "message_overhead_ms", "step_overhead_ms", "conv_flops"):
+                     "message_overhead_ms", "step_overhead_ms", "conv_flops", "conv_bandwidth_bytes_per_s"):
             value = getattr(self, name)
-            may_be_zero = name.endswith("_ms") or name == "conv_flops"  # latencies, overheads; 0 conv_flops: peak
+            may_be_zero = name.endswith("_ms") or name.startswith("conv_")  # latencies, overheads; 0 conv: general
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not is_number or not (value >= 0 if may_be_zero else value > 0):
                 raise ConfigError(
@@ -57,11 +59,16 @@ class DeviceSpec:
         """The FLOP rate of a convolution (`conv`) or of any other op."""
         return self.conv_flops if conv and self.conv_flops else self.peak_flops
 
+    def bytes_per_s(self, conv: bool = False) -> float:
+        """The memory bandwidth of a convolution (`conv`) or of any other op."""
+        return self.conv_bandwidth_bytes_per_s if conv and self.conv_bandwidth_bytes_per_s \
+            else self.memory_bandwidth_bytes_per_s
+
     def compute_ms(self, flops: float, bytes_moved: float, conv: bool = False) -> float:
         """Roofline time of one op (a convolution if `conv`): the slower of its compute and its memory traffic."""
         if flops == 0 and bytes_moved == 0:
             return 0.0
-        seconds = max(flops / self.flops_per_s(conv), bytes_moved / self.memory_bandwidth_bytes_per_s)
+        seconds = max(flops / self.flops_per_s(conv), bytes_moved / self.bytes_per_s(conv))
         return seconds * 1e3 + self.op_overhead_ms
 
     def transfer_ms(self, num_bytes: float, num_messages: int) -> float:

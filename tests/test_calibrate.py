@@ -58,13 +58,15 @@ def test_fit_recovers_the_device_that_produced_the_times(action_overhead_ms: flo
     assert max(abs(predict_ms(s, CPU) / s.measured_ms - 1) for s in _synthetic_samples(truth)) > 0.5
 
 
-def test_fit_recovers_a_convolution_rate_of_its_own() -> None:
+def test_fit_recovers_a_convolution_roofline_of_its_own() -> None:
     truth = dataclasses.replace(CPU, peak_flops=30e9, conv_flops=12e9, memory_bandwidth_bytes_per_s=2e9,
-                                op_overhead_ms=0.02, action_overhead_ms=0.1)
+                                conv_bandwidth_bytes_per_s=0.5e9, op_overhead_ms=0.02, action_overhead_ms=0.1)
     samples = _synthetic_samples(truth, conv=True)
     fit = fit_compute(samples)
     assert fit.peak_flops == pytest.approx(truth.peak_flops, rel=0.03)
+    assert fit.memory_bandwidth_bytes_per_s == pytest.approx(truth.memory_bandwidth_bytes_per_s, rel=0.03)
     assert fit.conv_flops == pytest.approx(truth.conv_flops, rel=0.03)
+    assert fit.conv_bandwidth_bytes_per_s == pytest.approx(truth.conv_bandwidth_bytes_per_s, rel=0.03)
     assert fit.rms_relative_error < 0.02
     # with one rate for both, the same times fit worse
     assert fit_compute([dataclasses.replace(s, conv=()) for s in samples]).rms_relative_error > 0.05

@@ -160,7 +160,9 @@ def test_convolutions_are_timed_at_the_conv_rate() -> None:
     compute_bound = DeviceSpec("c", peak_flops=1e9, memory_bandwidth_bytes_per_s=1e15, link_bandwidth_bytes_per_s=1e9,
                                link_latency_ms=0.0, memory_capacity_bytes=1 << 30, op_overhead_ms=0.0)
     same = annotate_costs(captured, compute_bound)
-    slow_conv = annotate_costs(captured, dataclasses.replace(compute_bound, conv_flops=0.25e9))
+    # a slow conv bandwidth as well: the conv stays compute-bound at 1e15 / 4 B/s
+    slow_conv = annotate_costs(captured, dataclasses.replace(compute_bound, conv_flops=0.25e9,
+                                                             conv_bandwidth_bytes_per_s=0.25e15))
     ratios = {name: slow_conv[name].total_ms / same[name].total_ms for name in same.nodes if same[name].total_ms}
     gm = captured.graph_module
     conv = [n.name for n in gm.graph.nodes
