@@ -15,7 +15,7 @@ from torch import fx
 from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 
 from pipecc.cluster import Cluster, LinkSpec
-from pipecc.costs import CostTable, DeviceSpec
+from pipecc.costs import CostTable
 from pipecc.errors import PartitionError
 from pipecc.ir import (Captured, InputKind, ParamBinding, Partition, Stage, StageCost, StageInput, StageOutput,
                        TensorSpec, shared_parameters)
@@ -52,13 +52,13 @@ def split_stages(captured: Captured, partition: Partition, costs: CostTable, *,
             cost=cost,
             graph=module,
         ))
-    return _with_tied_sync(tuple(stages), costs.device, cluster)
+    return _with_tied_sync(tuple(stages), costs, cluster)
 
 
 TIED_SYNC_TRANSFERS = 2  # send this rank's gradient and take each peer's, then sum: about two one-way transfers
 
 
-def _with_tied_sync(stages: tuple[Stage, ...], device: DeviceSpec, cluster: Cluster | None) -> tuple[Stage, ...]:
+def _with_tied_sync(stages: tuple[Stage, ...], costs: CostTable, cluster: Cluster | None) -> tuple[Stage, ...]:
     """`stages` with each rank's first stage charged the rank's tied-weight gradient exchange
     (StageCost.sync_ms): per parameter it shares, per peer holding it, TIED_SYNC_TRANSFERS one-way
     transfers of the gradient over the link to that peer (the runtime posts them all, then waits).
@@ -70,18 +70,13 @@ def _with_tied_sync(stages: tuple[Stage, ...], device: DeviceSpec, cluster: Clus
         return stages
     num_ranks = max(s.rank for s in stages) + 1
     cluster = Cluster.uniform(num_ranks) if cluster is None else cluster
-    default = LinkSpec.of(device)
-    sizes: dict[str, int] = {}
-    for stage in stages:
-        params = dict(stage.graph.named_parameters(remove_duplicate=False))
-        for b in stage.params:
-            if b.canonical_name in shared:
-                sizes[b.canonical_name] = params[b.local_name].numel() * params[b.local_name].element_size()
+    default = LinkSpec.of(costs.device)
     sync = [0.0] * num_ranks
     for name, ranks in shared.items():
         for rank in ranks:
-            sync[rank] += sum(TIED_SYNC_TRANSFERS * cluster.link(rank, peer, default).transfer_ms(sizes[name], 1)
-                              for peer in ranks if peer != rank)
+            sync[rank] += sum(
+                TIED_SYNC_TRANSFERS * cluster.link(rank, peer, default).transfer_ms(costs.param_bytes[name], 1)
+                for peer in ranks if peer != rank)
     first = {}
     for stage in stages:
         first.setdefault(stage.rank, stage.index)

@@ -39,7 +39,7 @@ def _exchange(pre_post: bool) -> list[object] | None:
         transport.flush()
         return None
     if pre_post:
-        transport.post_receives(insert_comm(plan.schedule).rank_actions[1])
+        transport.post_receives([incoming(a, plan.stages, plan.schedule) for a in receives])
     dist.barrier()
     seen = []
     for action in receives:

@@ -40,8 +40,6 @@ class DistTransport:
     machine: median 3 ms against 0.2 ms pre-posted)."""
 
     def __init__(self, schedule: Schedule, stages: Sequence[Stage], device: torch.device, timeout_s: float) -> None:
-        self.schedule = schedule
-        self.stages = stages
         self.num_stages = schedule.num_stages
         self.num_microbatches = schedule.num_microbatches
         self.per_message = 1 + max((len(s.inputs) for s in stages), default=0)
@@ -63,16 +61,15 @@ class DistTransport:
             try:
                 self.pending.append((dist.isend(tensor, dst_rank, tag=self._tag(message, i)), tensor))
             except RuntimeError as err:  # gloo fails the post at once when the link is already down
-                raise _lost(err, f"sending {_what(message)} of stage {message.stage} for micro-batch {message.microbatch} "
-                                 f"to rank {dst_rank}") from None
+                raise _lost(err, f"sending {_what(message)} of stage {message.stage} for micro-batch "
+                                 f"{message.microbatch} to rank {dst_rank}") from None
 
-    def post_receives(self, actions: Sequence[Action]) -> None:
-        """Post the first receives of each incoming link of this step's `actions` (this rank's list)."""
-        for action in actions:
-            if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-                message, specs, src_rank = incoming(action, self.stages, self.schedule)
-                self.upcoming.setdefault((message.direction, message.stage), collections.deque()).append(
-                    (message, specs, src_rank))
+    def post_receives(self, receives: Sequence[tuple[Message, list[TensorSpec], int]]) -> None:
+        """Post the first receives of each incoming link of this step; `receives` is what the rank's
+        RECV actions take, in order (`incoming` of each, computed once per runner)."""
+        for message, specs, src_rank in receives:
+            self.upcoming.setdefault((message.direction, message.stage), collections.deque()).append(
+                (message, specs, src_rank))
         for link in self.upcoming:
             for _ in range(RECEIVES_AHEAD):
                 self._post_next(link)
@@ -258,10 +255,16 @@ class DistRunner:
         self.schedule = schedule
         self.local_stages = tuple(s for s in stages if s.rank == self.rank)
         self.actions = insert_comm(schedule).rank_actions[self.rank]
+        self.receives = tuple(incoming(a, self.stages, schedule) for a in self.actions
+                              if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B))
         self.device = param_device([s.graph for s in self.local_stages])
         self.timeout_s = timeout_s
         self._validate = validate
         self.shared = shared_parameters(stages)
+        # the tied weights this rank holds: (message tag, canonical name, holders), in the same order on every rank
+        self._own_shared = tuple((_SHARED_TAG + index, name, ranks)
+                                 for index, (name, ranks) in enumerate(sorted(self.shared.items()))
+                                 if self.rank in ranks)
         self.check_finite = check_finite
         self.dropout_seed = dropout_seed
         self._failure_prefix = f"pipecc/failures/{next(_runner_ids)}"  # every rank makes runners in the same order
@@ -291,7 +294,7 @@ class DistRunner:
                 self._validate(inputs, target)
             params = dict(self.named_parameters())
             before = {name: _grad_or_none(params[name]) for name in self.shared if name in params}
-            transport.post_receives(self.actions)
+            transport.post_receives(self.receives)
             shared_receives = self._post_shared_receives(params)
             with dropout_step(self.dropout_seed, self._num_steps - 1):  # the runner's steps count from 0
                 loss = executor.run(self.actions, inputs, target)
@@ -349,18 +352,17 @@ class DistRunner:
         stopped.add_note(f"this rank's own error: {err}")
         return stopped
 
-    def _post_shared_receives(self, params: dict[str, nn.Parameter]) -> dict[str, dict[int, tuple[torch.Tensor, dist.Work]]]:
+    def _post_shared_receives(self, params: dict[str, nn.Parameter]
+                              ) -> dict[str, dict[int, tuple[torch.Tensor, dist.Work]]]:
         """Before the step's actions: a receive for each peer's contribution to each tied weight this
         rank holds, so that a peer finishing first delivers at once (see DistTransport)."""
         posted: dict[str, dict[int, tuple[torch.Tensor, dist.Work]]] = {}
-        for index, (name, ranks) in enumerate(sorted(self.shared.items())):
-            if self.rank not in ranks:
-                continue
+        for tag, name, ranks in self._own_shared:
             posted[name] = {}
             for peer in ranks:
                 if peer != self.rank:
                     buffer = torch.empty_like(params[name])
-                    posted[name][peer] = (buffer, dist.irecv(buffer, peer, tag=_SHARED_TAG + index))
+                    posted[name][peer] = (buffer, dist.irecv(buffer, peer, tag=tag))
         return posted
 
     def _sum_shared_grads(self, params: dict[str, nn.Parameter], before: dict[str, torch.Tensor | None],
@@ -369,9 +371,7 @@ class DistRunner:
 
         Only this step's contribution is exchanged, so gradient accumulation across steps stays right.
         The sum runs in rank order on every holder, so all holders end bitwise equal."""
-        for index, (name, ranks) in enumerate(sorted(self.shared.items())):
-            if self.rank not in ranks:
-                continue
+        for tag, name, ranks in self._own_shared:
             param = params[name]
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             delta = grad - before[name] if before[name] is not None else grad.clone()
@@ -380,7 +380,7 @@ class DistRunner:
             for peer in ranks:
                 if peer == self.rank:
                     continue
-                works.append(dist.isend(delta.contiguous(), peer, tag=_SHARED_TAG + index))
+                works.append(dist.isend(delta.contiguous(), peer, tag=tag))
                 contributions[peer], received = posted[name][peer]
                 works.append(received)
             for work in works:
