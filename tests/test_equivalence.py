@@ -38,6 +38,30 @@ def test_gradients_accumulate_over_steps() -> None:
     assert_same_grads({n: p.grad / 2 for n, p in plan.named_parameters()}, expected)
 
 
+def _two_steps(name: str) -> dict[str, torch.Tensor]:
+    model, inputs, loss_fn, target = build(name)
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=4)
+    runner = plan.runner(timeout_s=120.0)
+    runner.step(*inputs, target=target)
+    runner.step(*inputs, target=target)
+    return {n: p.grad.clone() for n, p in runner.named_parameters()}
+
+
+@pytest.mark.dist
+def test_gloo_gradients_accumulate_over_steps_tied_weights_included() -> None:
+    """Over two gloo ranks, two steps without zero_grad give twice the gradient, and GPT's tied
+    embedding / head weight, held by both ranks, is the same bitwise on each: each step exchanges
+    only its own contribution and adds it to what the weight had."""
+    _, expected = reference_step(*build("gpt"), 4)
+    per_rank = run_ranks(_two_steps, 2, "gpt")
+    tied = set(per_rank[0]) & set(per_rank[1])
+    assert tied, "GPT's embedding and head should land on different ranks"
+    for name in tied:
+        assert torch.equal(per_rank[0][name], per_rank[1][name]), name
+    for grads in per_rank:
+        assert_same_grads({n: g / 2 for n, g in grads.items()}, expected)
+
+
 def test_plan_shares_the_models_parameters() -> None:
     model, inputs, loss_fn, target = build("mlp")
     plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=2)

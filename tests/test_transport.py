@@ -10,7 +10,7 @@ import torch.distributed as dist
 import pipecc
 from pipecc.ir import ActionKind
 from pipecc.passes.insert_comm import insert_comm
-from pipecc.runtime.dist import RECEIVES_AHEAD, DistTransport
+from pipecc.runtime.dist import RECEIVES_AHEAD, DirectedLinks, DistTransport
 from pipecc.runtime.executor import Message, incoming
 from pipecc.testing import run_ranks
 from models import build
@@ -29,7 +29,7 @@ def _exchange(pre_post: bool) -> list[object] | None:
     rank 1 takes them in its schedule's order: per micro-batch, the messages posted before its
     receive, and the value received."""
     plan = _plan()
-    transport = DistTransport(plan.schedule, plan.stages, torch.device("cpu"), timeout_s=60.0)
+    transport = DistTransport(plan.schedule, plan.stages, torch.device("cpu"), timeout_s=60.0, links=DirectedLinks(60.0))
     receives = [a for a in insert_comm(plan.schedule).rank_actions[1] if a.kind is ActionKind.RECV_F]
     if dist.get_rank() == 0:
         dist.barrier()  # rank 1 has posted (or not) before anything is sent
@@ -61,3 +61,25 @@ def test_a_receive_not_posted_ahead_still_arrives() -> None:
     seen = run_ranks(_exchange, 2, False)[1]
     assert [values for _, values in seen] == [[float(mb)] for mb in range(NUM_MICROBATCHES)]
     assert all(posted == [] for posted, _ in seen)
+
+
+def _directions() -> tuple[bool, bool, bool, bool]:
+    links = DirectedLinks(60.0)
+    peer = 1 - dist.get_rank()
+    again = DirectedLinks(60.0)  # a second runner shares the groups (made once per default group)
+    payload = torch.full((4,), float(dist.get_rank()))
+    received = torch.empty(4)
+    work = dist.irecv(received, peer, group=links.from_peer(peer))
+    dist.isend(payload, peer, group=links.to_peer(peer)).wait()
+    work.wait()
+    return (links.to_peer(peer) is not links.from_peer(peer),  # the two directions of a link: two groups
+            links.to_peer(peer) is (links.upward if dist.get_rank() == 0 else links.downward),
+            again.upward is links.upward and again.downward is links.downward,
+            received.tolist() == [float(peer)] * 4)
+
+
+def test_each_direction_of_a_link_has_its_own_group() -> None:
+    """Rank 0 sends on the upward group and rank 1 on the downward one, so on no gloo connection do
+    both sides send (each would spin on the other's lock: see DirectedLinks)."""
+    for rank, checks in enumerate(run_ranks(_directions, 2)):
+        assert checks == (True, True, True, True), (rank, checks)
