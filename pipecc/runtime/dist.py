@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
@@ -44,27 +45,49 @@ class DirectedLinks:
     across the same link at once every micro-batch. Other backends keep the default group.
 
     Creating the groups is a collective: every rank builds its runner (and so this) in the same
-    order. They are made once per default process group and shared by every runner of it."""
+    order. They are made once per default process group and shared by every runner of it. Only
+    torch's registry holds them: once destroy_process_group() has dropped them they must go with
+    it (a gloo group destroyed later, at interpreter exit, can abort the process)."""
 
-    _made: dict[int, tuple[object, tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]]] = {}
+    # per default group (by id): weak references to it and to the (upward, downward) groups, or to
+    # it alone where the default group serves
+    _made: dict[int, tuple[weakref.ref, ...]] = {}
 
     def __init__(self, timeout_s: float) -> None:
         world = dist.group.WORLD
         made = self._made.get(id(world))
-        if made is None or made[0] is not world:  # none yet, or the default group was destroyed and made anew
-            groups = (_new_gloo_group(timeout_s), _new_gloo_group(timeout_s)) \
-                if dist.get_backend() == "gloo" else (None, None)
-            made = self._made[id(world)] = (world, groups)
-        self.upward, self.downward = made[1]
+        if made is None or made[0]() is not world:  # none yet, or the default group was destroyed and made anew
+            groups = (_new_gloo_group(timeout_s), _new_gloo_group(timeout_s)) if dist.get_backend() == "gloo" else ()
+            made = self._made[id(world)] = tuple(weakref.ref(g) for g in (world, *groups))
+        self._groups = made[1:]
         self.rank = dist.get_rank()
 
+    @property
+    def upward(self) -> dist.ProcessGroup | None:
+        """The group of messages to a higher rank (None: the default group)."""
+        return self._group(0)
+
+    @property
+    def downward(self) -> dist.ProcessGroup | None:
+        """The group of messages to a lower rank (None: the default group)."""
+        return self._group(1)
+
     def to_peer(self, peer: int) -> dist.ProcessGroup | None:
-        """The group a message from this rank to `peer` travels on (None: the default group)."""
+        """The group a message from this rank to `peer` travels on."""
         return self.upward if peer > self.rank else self.downward
 
     def from_peer(self, peer: int) -> dist.ProcessGroup | None:
         """The group a message from `peer` to this rank travels on."""
         return self.upward if peer < self.rank else self.downward
+
+    def _group(self, index: int) -> dist.ProcessGroup | None:
+        if not self._groups:
+            return None
+        group = self._groups[index]()
+        if group is None:
+            raise ConfigError("this runner's process group was destroyed (torch.distributed.destroy_process_group).\n"
+                              "Make a new runner with plan.runner() after init_process_group().")
+        return group
 
 
 def _new_gloo_group(timeout_s: float) -> dist.ProcessGroup:
