@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import fx
@@ -25,6 +25,7 @@ from pipecc.ir import Captured
 from pipecc.passes.graph_facts import compute_nodes, grad_nodes, node_tensors, tensor_bytes
 
 log = logging.getLogger(__name__)
+TimeT = TypeVar("TimeT")  # a time in ms: a float, or a sympy formula in the micro-batch size
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,20 @@ def _value_bytes(value: object) -> int:
     if isinstance(value, torch.Tensor):  # nearly every value: no pytree walk
         return value.numel() * value.element_size()
     return sum(t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def stage_backward_ms(backward_input_ms: TimeT, backward_weight_ms: TimeT, first_stage: bool) -> tuple[TimeT, TimeT]:
+    """A stage's (B, W) times from the sums over its nodes. The first stage has no activation input
+    to differentiate, so the runtime's B does nothing there and its W runs the whole backward
+    (measured on the MLP example's stage 0 under ZB-H1: B 0.02 ms, W 0.20 ms). Times are floats or
+    sympy formulas.
+
+    >>> stage_backward_ms(1.5, 2.0, first_stage=False), stage_backward_ms(1.5, 2.0, first_stage=True)
+    ((1.5, 2.0), (0.0, 3.5))
+    """
+    if first_stage:
+        return backward_input_ms * 0, backward_input_ms + backward_weight_ms
+    return backward_input_ms, backward_weight_ms
 
 
 def node_cost(work: NodeWork, param_names: tuple[str, ...], device: DeviceSpec) -> NodeCost:

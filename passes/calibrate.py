@@ -104,18 +104,21 @@ def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
     samples = []
     for (stage, kind), times in sorted(durations.items(), key=lambda item: (item[0][0], list(ActionKind).index(item[0][1]))):
         nodes = [works[n] for n in stages[stage].node_names if n in works]
-        terms = _action_terms(nodes, kind)
+        terms = _action_terms(nodes, kind, first_stage=stage == 0)
         flops, bytes_moved, conv = _columns(terms)
         samples.append(StageSample(f"{label} stage {stage} {kind.name} (mb {mb})", flops, bytes_moved,
                                    statistics.mean(times), conv))
     return samples
 
 
-def _action_terms(nodes: Sequence[NodeWork], kind: ActionKind) -> list[tuple[int, int, bool]]:
-    """The (flops, bytes, is_conv) terms node_cost times for `kind` on these nodes (none where there is no such work)."""
+def _action_terms(nodes: Sequence[NodeWork], kind: ActionKind, first_stage: bool) -> list[tuple[int, int, bool]]:
+    """The (flops, bytes, is_conv) terms node_cost times for `kind` on these nodes (none where there is
+    no such work); on the first stage W runs the whole backward and B nothing (stage_backward_ms)."""
     forward = [(w.flops_forward, w.bytes_forward, w.is_conv) for w in nodes]
     backward_input = [(w.flops_backward_input, w.bytes_backward_input, w.is_conv) for w in nodes if w.has_input_grad]
     backward_weight = [(w.flops_backward_weight, w.bytes_backward_weight, w.is_conv) for w in nodes if w.trainable]
+    if first_stage:
+        backward_input, backward_weight = [], backward_input + backward_weight
     match kind:
         case ActionKind.F:
             return forward

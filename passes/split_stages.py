@@ -19,6 +19,7 @@ from pipecc.costs import CostTable
 from pipecc.errors import PartitionError
 from pipecc.ir import (Captured, InputKind, ParamBinding, Partition, Stage, StageCost, StageInput, StageOutput,
                        TensorSpec, shared_parameters)
+from pipecc.passes.annotate_costs import stage_backward_ms
 from pipecc.passes.graph_facts import ValueKind, compute_nodes, grad_nodes, output_node, value_kind
 from pipecc.passes.partition import InFlight, PartitionProblem, StagePlace, partition_problem, place_stages
 
@@ -163,14 +164,17 @@ def _stage_cost(problem: PartitionProblem, costs: CostTable, start: int, stop: i
     names = problem.node_names[start:stop]
     speed = place.speed
     traffic = problem.traffic
+    backward_input_ms, backward_weight_ms = stage_backward_ms(sum(costs[n].backward_input_ms for n in names),
+                                                              sum(costs[n].backward_weight_ms for n in names),
+                                                              first_stage=start == 0)
     return StageCost(
         num_nodes=len(names),
         num_params=num_params,
         flops=sum(costs[n].flops_forward for n in names),
         param_bytes=problem.stage_param_bytes(start, stop),
         forward_ms=sum(costs[n].forward_ms for n in names) / speed,
-        backward_input_ms=sum(costs[n].backward_input_ms for n in names) / speed,
-        backward_weight_ms=sum(costs[n].backward_weight_ms for n in names) / speed,
+        backward_input_ms=backward_input_ms / speed,
+        backward_weight_ms=backward_weight_ms / speed,
         send_forward_ms=traffic.forward_ms(stop, place.link_out) if stop < problem.num_nodes else 0.0,
         send_backward_ms=traffic.backward_ms(start, place.link_in) if start > 0 else 0.0,
         bytes_to_next=bytes_to_next if stop < problem.num_nodes else 0,

@@ -33,6 +33,7 @@ from pipecc.costs import CostTable, DeviceSpec
 from pipecc.errors import ConfigError
 from pipecc.ir import Captured, InputKind, Stage, StageCost
 from pipecc.passes.annotate_costs import (NodeWork, _value_bytes, _Work, measure_in_mode, node_cost, node_signature,
+                                        stage_backward_ms,
                                           node_work)
 from pipecc.passes.graph_facts import compute_nodes, grad_nodes, node_tensors
 
@@ -288,10 +289,13 @@ def stage_formulas(costs: SymbolicCosts, stages: Sequence[Stage], in_flight: Seq
         sent = [] if is_last else [(out[o.name], o.spec.requires_grad) for o in stage.outputs]
         activation_in = sum((b for b, _ in received), sympy.Integer(0))
         saved = sum((costs.nodes[n].saved_bytes for n in stage.node_names if n in costs.nodes), sympy.Integer(0))
+        backward_input_ms, backward_weight_ms = stage_backward_ms(sum((t[1] for t in times), sympy.Integer(0)),
+                                                                  sum((t[2] for t in times), sympy.Integer(0)),
+                                                                  first_stage=stage.index == 0)
         result.append(StageFormulas(
             forward_ms=sum((t[0] for t in times), sympy.Integer(0)),
-            backward_input_ms=sum((t[1] for t in times), sympy.Integer(0)),
-            backward_weight_ms=sum((t[2] for t in times), sympy.Integer(0)),
+            backward_input_ms=backward_input_ms,
+            backward_weight_ms=backward_weight_ms,
             send_forward_ms=_transfer_ms(device, [b for b, _ in sent]),
             send_backward_ms=_transfer_ms(device, [b for b, g in received if g]),
             comm_ms=_boundary_ms(device, received) + _boundary_ms(device, sent),
