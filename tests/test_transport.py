@@ -83,3 +83,17 @@ def test_each_direction_of_a_link_has_its_own_group() -> None:
     both sides send (each would spin on the other's lock: see DirectedLinks)."""
     for rank, checks in enumerate(run_ranks(_directions, 2)):
         assert checks == (True, True, True, True), (rank, checks)
+
+
+def test_freed_memory_is_kept_for_the_next_step_on_glibc() -> None:
+    """glibc's malloc accepts the settings (this machine's C library is glibc), once per process."""
+    import platform
+
+    from pipecc.runtime import memory
+
+    if platform.libc_ver()[0] != "glibc":
+        import pytest
+
+        pytest.skip("not a glibc machine")
+    assert memory.keep_freed_memory() is True
+    assert memory.keep_freed_memory() is True  # applied once, remembered

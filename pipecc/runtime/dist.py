@@ -22,6 +22,7 @@ from pipecc.ir import Action, ActionKind, Schedule, Stage, TensorSpec, named_sta
 from pipecc.passes.insert_comm import insert_comm
 from pipecc.passes.rng import dropout_step
 from pipecc.passes.simulate import TimedAction
+from pipecc.runtime import memory
 from pipecc.runtime.executor import Message, RankExecutor, TimelineRecorder, incoming, param_device
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ class DistRunner:
 
     def __init__(self, stages: Sequence[Stage], schedule: Schedule, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  validate: object = None, check_finite: bool = False, dropout_seed: int = 0,
-                 record_timeline: bool = False) -> None:
+                 record_timeline: bool = False, keep_freed_memory: bool = True) -> None:
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ConfigError(f"timeout_s={timeout_s!r}; it must be a positive number of seconds.\n"
                               f"Pass the longest a rank may wait for a peer, e.g. timeout_s={DEFAULT_TIMEOUT_S:.0f}.")
@@ -332,6 +333,8 @@ class DistRunner:
         self.receives = tuple(incoming(a, self.stages, schedule) for a in self.actions
                               if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B))
         self.device = param_device([s.graph for s in self.local_stages])
+        if keep_freed_memory and self.device.type == "cpu":
+            memory.keep_freed_memory()  # no page faults to touch each step's activations again (runtime/memory.py)
         self.timeout_s = timeout_s
         self._validate = validate
         self.links = DirectedLinks(timeout_s)  # a collective: every rank makes its runners in the same order
