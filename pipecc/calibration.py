@@ -9,6 +9,7 @@ ping-pong for the link.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -21,9 +22,15 @@ import torch
 
 from pipecc.costs import DeviceSpec, resolve_device
 from pipecc.errors import ConfigError
-from pipecc.passes.calibrate import (ComputeFit, LinkSample, MeasuredStep, RuntimeFit, StageSample, action_samples,
-                                     calibrated_device, fit_compute, fit_link, fit_runtime, ping_pong_ms, predict_ms)
+from pipecc.ir import Captured, Partition, StageCost
+from pipecc.passes.annotate_costs import annotate_costs
+from pipecc.passes.calibrate import (ComputeFit, LinkSample, MeasuredStep, RuntimeFit, StageSample, StepFit, StepSample,
+                                     action_samples, calibrated_device, fit_compute, fit_link, fit_runtime, fit_step,
+                                     ping_pong_ms, predict_ms)
 from pipecc.passes.capture import capture
+from pipecc.passes.schedules import in_flight as held_microbatches
+from pipecc.pipeline import split_partition
+from pipecc.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +46,19 @@ class Calibration:
     runtime: RuntimeFit
     samples: tuple[StageSample, ...]
     link_samples: tuple[LinkSample, ...]
+    step: StepFit | None = None  # the step-level fit of the link latency
 
     def summary(self) -> str:
         d = self.device
+        ping_pong = f" (ping-pong {fit_link(self.link_samples)[0] * 1e3:.1f} us)" if self.link_samples else ""
         conv = (f" (convolutions {d.conv_flops / 1e9:.2f} GFLOP/s, {d.conv_bandwidth_bytes_per_s / 1e9:.3f} GB/s)"
                 if d.conv_flops else "")
         return (f"fitted {d.name!r}: {d.peak_flops / 1e9:.2f} GFLOP/s{conv}, memory {d.memory_bandwidth_bytes_per_s / 1e9:.3f} GB/s, "
                 f"op overhead {d.op_overhead_ms * 1e3:.1f} us, action overhead {d.action_overhead_ms * 1e3:.0f} us, "
                 f"message overhead {d.message_overhead_ms * 1e3:.0f} us, step overhead {d.step_overhead_ms:.2f} ms, "
-                f"link latency {d.link_latency_ms * 1e3:.1f} us, link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
-                f"RMS relative error over {len(self.samples)} measured actions {100 * self.compute.rms_relative_error:.1f}%")
+                f"link latency {d.link_latency_ms * 1e3:.1f} us{ping_pong}, link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
+                f"RMS relative error over {len(self.samples)} measured actions {100 * self.compute.rms_relative_error:.1f}%"
+                + (f", mean error over the measured steps {100 * self.step.mean_relative_error:.1f}%" if self.step else ""))
 
 
 def _build(model_spec: str) -> tuple:
@@ -60,24 +70,47 @@ def _build(model_spec: str) -> tuple:
 CALIBRATION_SCHEDULE = "1f1b"  # what the samples are measured on; other schedules are then predicted
 
 
-def collect_samples(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4), num_steps: int = 5,
-                    num_ranks: int = 2) -> tuple[list[StageSample], list[MeasuredStep]]:
-    """Every stage's F and BW actions of every model, in measured 1F1B steps on `num_ranks` gloo
-    ranks at each micro-batch count (partitioned with the `cpu` preset); and the steps themselves."""
+@dataclass(frozen=True)
+class MeasuredRun:
+    """One model at one micro-batch count as calibration measured it: its plan (partitioned with the
+    `cpu` preset), the model captured at its micro-batch size, and its recorded steps."""
+
+    label: str
+    plan: Plan
+    captured: Captured
+    steps: tuple[MeasuredStep, ...]
+
+    def stage_costs(self, device: DeviceSpec) -> tuple[StageCost, ...]:
+        """The plan's stages, its partition kept, costed on `device`."""
+        schedule = self.plan.schedule
+        partition = Partition(schedule.num_stages, {n: s.index for s in self.plan.stages for n in s.node_names}, 0.0)
+        _, stages = split_partition(self.captured, partition, annotate_costs(self.captured, device), schedule,
+                                    lambda stage: held_microbatches(schedule, stage), None)
+        return tuple(s.cost for s in stages)
+
+    def step_sample(self, device: DeviceSpec) -> StepSample:
+        """This run for fit_step: its stages on `device` at link latency 0 and 1 ms, its median step."""
+        at = [self.stage_costs(dataclasses.replace(device, link_latency_ms=ms)) for ms in (0.0, 1.0)]
+        return StepSample(f"{self.label} {self.plan.schedule.name} x{self.plan.schedule.num_microbatches}",
+                          self.plan.schedule, at[0], at[1], statistics.median(s.wall_ms for s in self.steps))
+
+
+def collect_runs(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4), num_steps: int = 5,
+                 num_ranks: int = 2) -> list[MeasuredRun]:
+    """Measured 1F1B steps of every model on `num_ranks` gloo ranks at each micro-batch count, with
+    the runtime's timeline recorded."""
     from pipecc.runtime.launch import spawn_local
 
-    samples: list[StageSample] = []
-    steps: list[MeasuredStep] = []
+    runs: list[MeasuredRun] = []
     for spec in model_specs:
         model, inputs, loss_fn, target = _build(spec)  # a bad MODEL fails here, before any rank starts
         variants = tuple(Variant(CALIBRATION_SCHEDULE, "cpu", num_microbatches=m) for m in microbatch_counts)
         measured = spawn_local(_steps_rank, num_ranks, spec, variants, num_steps, num_ranks, True)[0]
-        for variant, runs in zip(variants, measured):
+        for variant, steps in zip(variants, measured):
             plan = compile_variant(spec, variant, num_ranks)[0]
             captured = capture(model, inputs, loss_fn, target, num_microbatches=variant.num_microbatches)
-            samples += action_samples(_label(spec), captured, plan.stages, runs)
-            steps += runs
-    return samples, steps
+            runs.append(MeasuredRun(_label(spec), plan, captured, tuple(steps)))
+    return runs
 
 
 def _label(model_spec: str) -> str:
@@ -96,17 +129,25 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 
 
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
-              measure_links: bool = True, num_steps: int = 5) -> Calibration:
+              measure_links: bool = True, num_steps: int = 10) -> Calibration:
     """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
-    ranks of this machine (and to gloo ping-pongs)."""
+    ranks of this machine: compute rates and overheads to the actions, message and step overheads
+    to the timeline, the link to gloo ping-pongs, and then the link latency to the whole steps
+    (`fit_step`; with measure_links=False the base spec's link is kept as it is)."""
     if not model_specs:
         raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
-    samples, steps = collect_samples(model_specs, num_steps=num_steps)
+    runs = collect_runs(model_specs, num_steps=num_steps)
+    samples = [sample for run in runs for sample in action_samples(run.label, run.captured, run.plan.stages, run.steps)]
     compute = fit_compute(samples)
-    runtime = fit_runtime(steps)
+    runtime = fit_runtime([step for run in runs for step in run.steps])
     links = measure_link() if measure_links else []
     device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None, runtime)
-    return Calibration(device, compute, runtime, tuple(samples), tuple(links))
+    step = None
+    if measure_links:  # the latency that makes whole simulated steps match the measured ones
+        step = fit_step([run.step_sample(device) for run in runs], step_overhead_ms=device.step_overhead_ms,
+                        min_latency_ms=device.link_latency_ms)
+        device = dataclasses.replace(device, link_latency_ms=step.link_latency_ms)
+    return Calibration(device, compute, runtime, tuple(samples), tuple(links), step)
 
 
 def format_samples(calibration: Calibration, base: DeviceSpec) -> str:
@@ -172,27 +213,47 @@ def compile_variant(model_spec: str, variant: Variant, num_ranks: int):  # -> (P
     return plan, inputs, target
 
 
+MEASURE_ROUNDS = 2  # each plan's steps come in this many blocks, the plans taking turns between blocks
+
+
 def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int,
                 record_timeline: bool = False) -> list[list[MeasuredStep]]:
-    """On each rank: every variant's plan, stepped round-robin (so load spikes hit all alike);
-    per variant, its measured steps after one warm-up step."""
+    """On each rank: every variant's plan; per variant, `num_steps` measured steps.
+
+    A plan runs its steps back to back, as training does (its weights and activations stay in
+    cache; taking turns step by step with eight other plans measured GPT's 1F1B 10-20% slower), in
+    MEASURE_ROUNDS blocks with the plans taking turns between blocks, so that a burst of load on a
+    shared machine does not land on one plan alone. Each block begins with one unmeasured step."""
     import torch.distributed as dist
 
     runs = [compile_variant(model_spec, v, num_ranks) for v in variants]
     runners = [plan.runner(record_timeline=record_timeline) for plan, _, _ in runs]
     times: list[list[MeasuredStep]] = [[] for _ in variants]
-    for step in range(num_steps + 1):
+    rounds = min(MEASURE_ROUNDS, num_steps)
+    for block in range(rounds):
+        block_steps = num_steps // rounds + (block < num_steps % rounds)
         for k, (runner, (_, inputs, target)) in enumerate(zip(runners, runs)):
-            dist.barrier()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            runner.step(*inputs, target=target)
-            elapsed = torch.tensor([(time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3,
-                                    -runner.last_shared_sync_ms])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # slowest wall and CPU time, shortest tied exchange
-            events = runner.gather_events() if record_timeline else ()
-            if step > 0:  # the first step warms up allocators and connections
-                times[k].append(MeasuredStep(float(elapsed[0]), tuple(events), float(elapsed[1]), -float(elapsed[2])))
+            for step in range(block_steps + 1):
+                measured = _measure_step(runner, inputs, target, record_timeline)
+                if step > 0:  # the first step of a block warms caches, allocators and connections up
+                    times[k].append(measured)
     return times
+
+
+def _measure_step(runner, inputs: Sequence[torch.Tensor], target: torch.Tensor,  # runner: DistRunner
+                  record_timeline: bool) -> MeasuredStep:
+    """One step of `runner` from a common barrier: the slowest rank's wall and CPU time, the shortest
+    tied-weight exchange, and every rank's recorded actions."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    runner.step(*inputs, target=target)
+    elapsed = torch.tensor([(time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3,
+                            -runner.last_shared_sync_ms])
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # slowest wall and CPU time, shortest tied exchange
+    events = runner.gather_events() if record_timeline else ()
+    return MeasuredStep(float(elapsed[0]), tuple(events), float(elapsed[1]), -float(elapsed[2]))
 
 
 def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: int = 5,

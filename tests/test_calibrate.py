@@ -182,3 +182,42 @@ def test_cli_calibrate_writes_a_device_json_that_report_reads(tmp_path: Path, ca
     assert fitted.peak_flops != CPU.peak_flops
     assert main(["report", "examples/mlp.py:build", "--device", str(out)]) == 0
     assert "device this-machine" in capsys.readouterr().out
+
+
+def test_step_fit_recovers_the_latency_behind_whole_steps() -> None:
+    """Steps simulated with a known latency (and step overhead) give that latency back, from the
+    ping-pong's lower bound, whatever the schedule's number of hops."""
+    from pipecc.ir import StageCost
+    from pipecc.passes.calibrate import StepSample, fit_step
+    from pipecc.passes.schedules.gpipe import gpipe
+    from pipecc.passes.schedules.one_f_one_b import one_f_one_b
+    from pipecc.passes.simulate import simulate
+
+    def stage(forward_ms: float, messages: int) -> tuple[StageCost, StageCost]:
+        free = StageCost(1, 0, 0, 0, forward_ms, forward_ms, forward_ms, 0.05, 0.05, 0, 0, 0, 0.1)
+        return free, dataclasses.replace(free, send_forward_ms=0.05 + messages, send_backward_ms=0.05 + messages,
+                                         comm_ms=0.1 + 2 * messages)
+
+    samples = []
+    for schedule, forward_ms in ((one_f_one_b(2, 4), 1.0), (gpipe(2, 4), 0.5), (one_f_one_b(2, 2), 2.0)):
+        (zero0, one0), (zero1, one1) = stage(forward_ms, 1), stage(1.2 * forward_ms, 1)
+        sample = StepSample("synthetic", schedule, (zero0, zero1), (one0, one1), 1.0)
+        measured = simulate(schedule, sample.costs(0.3)).step_time_ms + 0.4
+        samples.append(dataclasses.replace(sample, measured_ms=measured))
+    fit = fit_step(samples, step_overhead_ms=0.4, min_latency_ms=0.05)
+    assert fit.link_latency_ms == pytest.approx(0.3, abs=0.002) and fit.mean_relative_error < 1e-3
+    assert fit_step(samples, step_overhead_ms=0.4, min_latency_ms=0.5).link_latency_ms == pytest.approx(0.5)
+    with pytest.raises(ConfigError):
+        fit_step([], step_overhead_ms=0.0)
+
+
+@pytest.mark.dist
+def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
+    """End to end on 2 gloo ranks: the fitted latency is at least the ping-pong's, and the summary
+    names both."""
+    from pipecc.calibration import calibrate
+
+    result = calibrate(["examples/mlp.py:build"], num_steps=2)
+    assert result.step is not None and result.step.mean_relative_error < 1.0
+    assert result.device.link_latency_ms == result.step.link_latency_ms >= fit_link(result.link_samples)[0]
+    assert "ping-pong" in result.summary() and "mean error over the measured steps" in result.summary()
