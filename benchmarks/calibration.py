@@ -1,7 +1,7 @@
 """Calibration benchmark: predicted vs measured step time per model and schedule, 2 gloo ranks.
 
     python benchmarks/calibration.py                      # all examples, gpipe, 1f1b and zb-h1
-    python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5
+    python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5 --launches 1
 
 1. Fits a device spec to this machine (`pipecc.calibration.calibrate`: the recorded actions
    and steps of 1F1B runs of the examples (--fit-models) on 2 gloo ranks, gloo ping-pong) and
@@ -10,7 +10,8 @@
    against one whole-stage run (forward + backward), as a ratio.
 3. For every model and schedule, compiles three plans (the `cpu` preset, the fitted spec, and
    profiled costs with the fitted link) and measures their steps on 2 local gloo ranks, one
-   intra-op thread each, stepped round-robin; prints predicted, measured, and the error.
+   intra-op thread each, in --launches launches of fresh processes (each plan's steps back to
+   back, in 2 blocks); prints predicted, measured (median of the launches' medians) and the error.
 
 Timings on a shared machine are noisy: rerun and compare before trusting a digit.
 """
@@ -67,7 +68,10 @@ def main() -> int:
                         help="models whose 1F1B steps the spec is fitted to (default: --models); others are "
                              "then predicted out of sample")
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1"])
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per plan (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per plan and launch")
+    parser.add_argument("--launches", type=int, default=3,
+                        help="launches of fresh rank processes per model; a plan's measured step is the median of "
+                             "their medians (one launch's median moves about 10%% from the next's)")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--device-out", default=None, help="where to write the fitted device JSON")
     parser.add_argument("--nice", type=int, default=0,
@@ -93,8 +97,8 @@ def main() -> int:
 
     variants = {"cpu preset": ("cpu", "analytic"), "calibrated": (device_path, "analytic"),
                 "profiled": (device_path, "profile")}
-    print(f"\npredicted / measured per step, 2 gloo ranks x 1 thread, {args.microbatches} micro-batches, median of "
-          f"{args.steps} steps (error = predicted / measured - 1). 'step': wall-clock step time of the slowest rank; "
+    print(f"\npredicted / measured per step, 2 gloo ranks x 1 thread, {args.microbatches} micro-batches, median over "
+          f"{args.launches} launches of the median of {args.steps} steps (error = predicted / measured - 1). 'step': wall-clock step time of the slowest rank; "
           "'busy': CPU time of the busiest rank in the step (what other jobs on a shared machine cannot stretch)")
     print(STEP_HEADER)
     errors: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
@@ -102,7 +106,7 @@ def main() -> int:
         plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
                          num_microbatches=args.microbatches)
                  for s in args.schedules for d, c in variants.values()]
-        results = compare_steps(spec_of(name), plans, num_steps=args.steps)
+        results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
         for i, schedule in enumerate(args.schedules):
             row = results[i * len(variants):(i + 1) * len(variants)]  # each variant may cut the model differently
             for key, r in zip(variants, row):

@@ -16,8 +16,9 @@ two overheads solved in closed form at each point (the prediction is linear in t
 finer grid around the best: no local minimum traps, and well under a second of numpy.
 
 Messages and steps are read off the same timelines (`fit_runtime`): posting a send costs its
-rank the median send action's time, and a step costs the median time between the wall-clock
-step and the span of its actions. Links are fitted from ping-pong times between two ranks
+rank the median send action's time, taking a receive whose message is already there the median
+such receive's time, and a step costs the median time between the wall-clock step and the span
+of its actions. Links are fitted from ping-pong times between two ranks
 (`ping_pong_ms`): a message of n bytes takes `latency + n / bandwidth` one way, a straight line.
 Last, `fit_step` simulates each measured configuration's whole step on the fitted device and
 raises the latency (from the ping-pong's) to what pipelined steps see: on a machine whose cores
@@ -87,6 +88,7 @@ class MeasuredStep:
 class RuntimeFit:
     message_overhead_ms: float
     step_overhead_ms: float
+    receive_overhead_ms: float = 0.0
 
 
 def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
@@ -141,7 +143,30 @@ def fit_runtime(steps: Sequence[MeasuredStep]) -> RuntimeFit:
     sends = [e.end_ms - e.start_ms for step in steps for e in step.events
              if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
     outside = [max(0.0, step.wall_ms - _span_ms(step.events) - step.tied_sync_ms) for step in steps if step.events]
-    return RuntimeFit(statistics.median(sends) if sends else 0.0, statistics.median(outside) if outside else 0.0)
+    received = [ms for step in steps for ms in _ready_receive_ms(step.events)]
+    return RuntimeFit(statistics.median(sends) if sends else 0.0, statistics.median(outside) if outside else 0.0,
+                      statistics.median(received) if received else 0.0)
+
+
+READY_MARGIN_MS = 0.2  # a receive begun this long after its send was posted finds the message there
+
+
+def _ready_receive_ms(events: Sequence[TimedAction]) -> list[float]:
+    """The durations of the receives that began READY_MARGIN_MS or more after their message was sent
+    (the ranks' clocks agree to about 0.1 ms: both start at a barrier)."""
+    sent = {(e.action.kind, e.action.stage, e.action.microbatch): e.end_ms for e in events
+            if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)}
+    ready = []
+    for e in events:
+        if e.action.kind is ActionKind.RECV_F:
+            key = (ActionKind.SEND_F, e.action.stage - 1, e.action.microbatch)
+        elif e.action.kind is ActionKind.RECV_B:
+            key = (ActionKind.SEND_B, e.action.stage + 1, e.action.microbatch)
+        else:
+            continue
+        if key in sent and e.start_ms >= sent[key] + READY_MARGIN_MS:
+            ready.append(e.end_ms - e.start_ms)
+    return ready
 
 
 # StageCost fields that grow linearly with the link latency (the rest do not depend on it)
@@ -347,6 +372,7 @@ def calibrated_device(base: DeviceSpec, name: str, compute: ComputeFit,
                                op_overhead_ms=compute.op_overhead_ms, action_overhead_ms=compute.action_overhead_ms)
     if runtime is not None:
         spec = dataclasses.replace(spec, message_overhead_ms=runtime.message_overhead_ms,
+                                   receive_overhead_ms=runtime.receive_overhead_ms,
                                    step_overhead_ms=runtime.step_overhead_ms)
     if link is not None:
         spec = dataclasses.replace(spec, link_latency_ms=link[0], link_bandwidth_bytes_per_s=link[1])

@@ -183,6 +183,7 @@ def _stage_cost(problem: PartitionProblem, costs: CostTable, start: int, stop: i
         comm_ms=problem.link_ms(start, place.link_in) + problem.link_ms(stop, place.link_out),
         action_overhead_ms=problem.device.action_overhead_ms / speed,
         message_overhead_ms=problem.device.message_overhead_ms,
+        receive_overhead_ms=problem.device.receive_overhead_ms,
         step_overhead_ms=problem.device.step_overhead_ms,
     )
 

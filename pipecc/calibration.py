@@ -55,7 +55,7 @@ class Calibration:
                 if d.conv_flops else "")
         return (f"fitted {d.name!r}: {d.peak_flops / 1e9:.2f} GFLOP/s{conv}, memory {d.memory_bandwidth_bytes_per_s / 1e9:.3f} GB/s, "
                 f"op overhead {d.op_overhead_ms * 1e3:.1f} us, action overhead {d.action_overhead_ms * 1e3:.0f} us, "
-                f"message overhead {d.message_overhead_ms * 1e3:.0f} us, step overhead {d.step_overhead_ms:.2f} ms, "
+                f"message overhead {d.message_overhead_ms * 1e3:.0f} us (receive {d.receive_overhead_ms * 1e3:.0f} us), step overhead {d.step_overhead_ms:.2f} ms, "
                 f"link latency {d.link_latency_ms * 1e3:.1f} us{ping_pong}, link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
                 f"RMS relative error over {len(self.samples)} measured actions {100 * self.compute.rms_relative_error:.1f}%"
                 + (f", mean error over the measured steps {100 * self.step.mean_relative_error:.1f}%" if self.step else ""))
@@ -73,12 +73,15 @@ CALIBRATION_SCHEDULE = "1f1b"  # what the samples are measured on; other schedul
 @dataclass(frozen=True)
 class MeasuredRun:
     """One model at one micro-batch count as calibration measured it: its plan (partitioned with the
-    `cpu` preset), the model captured at its micro-batch size, and its recorded steps."""
+    `cpu` preset), the model captured at its micro-batch size, its steps with the timeline recorded,
+    and its steps without (what training runs: recording, and gathering the events between steps,
+    made steps 5-25% longer on a 2-core VM)."""
 
     label: str
     plan: Plan
     captured: Captured
     steps: tuple[MeasuredStep, ...]
+    plain_steps: tuple[MeasuredStep, ...]
 
     def stage_costs(self, device: DeviceSpec) -> tuple[StageCost, ...]:
         """The plan's stages, its partition kept, costed on `device`."""
@@ -89,27 +92,30 @@ class MeasuredRun:
         return tuple(s.cost for s in stages)
 
     def step_sample(self, device: DeviceSpec) -> StepSample:
-        """This run for fit_step: its stages on `device` at link latency 0 and 1 ms, its median step."""
+        """This run for fit_step: its stages on `device` at link latency 0 and 1 ms, and the median of
+        its steps measured without recording."""
         at = [self.stage_costs(dataclasses.replace(device, link_latency_ms=ms)) for ms in (0.0, 1.0)]
         return StepSample(f"{self.label} {self.plan.schedule.name} x{self.plan.schedule.num_microbatches}",
-                          self.plan.schedule, at[0], at[1], statistics.median(s.wall_ms for s in self.steps))
+                          self.plan.schedule, at[0], at[1], statistics.median(s.wall_ms for s in self.plain_steps))
 
 
 def collect_runs(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4), num_steps: int = 5,
-                 num_ranks: int = 2) -> list[MeasuredRun]:
+                 num_ranks: int = 2, num_launches: int = 2) -> list[MeasuredRun]:
     """Measured 1F1B steps of every model on `num_ranks` gloo ranks at each micro-batch count, with
-    the runtime's timeline recorded."""
-    from pipecc.runtime.launch import spawn_local
-
+    the runtime's timeline recorded and without, pooled over `num_launches` launches of fresh rank
+    processes (each launch's steps differ from the next's by about 10%)."""
     runs: list[MeasuredRun] = []
     for spec in model_specs:
         model, inputs, loss_fn, target = _build(spec)  # a bad MODEL fails here, before any rank starts
-        variants = tuple(Variant(CALIBRATION_SCHEDULE, "cpu", num_microbatches=m) for m in microbatch_counts)
-        measured = spawn_local(_steps_rank, num_ranks, spec, variants, num_steps, num_ranks, True)[0]
-        for variant, steps in zip(variants, measured):
+        variants = tuple(Variant(CALIBRATION_SCHEDULE, "cpu", num_microbatches=m, record_timeline=recorded)
+                         for recorded in (True, False) for m in microbatch_counts)
+        launches = measure_launches(spec, variants, num_steps, num_ranks, num_launches)
+        measured = [[step for launch in launches for step in launch[k]] for k in range(len(variants))]
+        recorded, plain = measured[:len(microbatch_counts)], measured[len(microbatch_counts):]
+        for variant, steps, plain_steps in zip(variants, recorded, plain):
             plan = compile_variant(spec, variant, num_ranks)[0]
             captured = capture(model, inputs, loss_fn, target, num_microbatches=variant.num_microbatches)
-            runs.append(MeasuredRun(_label(spec), plan, captured, tuple(steps)))
+            runs.append(MeasuredRun(_label(spec), plan, captured, tuple(steps), tuple(plain_steps)))
     return runs
 
 
@@ -177,6 +183,7 @@ class Variant:
     cost_model: str = "analytic"
     profile_cache_dir: str | None = None
     num_microbatches: int = 4
+    record_timeline: bool = False  # measure with plan.runner(record_timeline=True): its actions too
 
 
 @dataclass(frozen=True)
@@ -216,8 +223,8 @@ def compile_variant(model_spec: str, variant: Variant, num_ranks: int):  # -> (P
 MEASURE_ROUNDS = 2  # each plan's steps come in this many blocks, the plans taking turns between blocks
 
 
-def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int,
-                record_timeline: bool = False) -> list[list[MeasuredStep]]:
+def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int,
+                num_ranks: int) -> list[list[MeasuredStep]]:
     """On each rank: every variant's plan; per variant, `num_steps` measured steps.
 
     A plan runs its steps back to back, as training does (its weights and activations stay in
@@ -227,14 +234,14 @@ def _steps_rank(model_spec: str, variants: Sequence[Variant], num_steps: int, nu
     import torch.distributed as dist
 
     runs = [compile_variant(model_spec, v, num_ranks) for v in variants]
-    runners = [plan.runner(record_timeline=record_timeline) for plan, _, _ in runs]
+    runners = [plan.runner(record_timeline=v.record_timeline) for v, (plan, _, _) in zip(variants, runs)]
     times: list[list[MeasuredStep]] = [[] for _ in variants]
     rounds = min(MEASURE_ROUNDS, num_steps)
     for block in range(rounds):
         block_steps = num_steps // rounds + (block < num_steps % rounds)
         for k, (runner, (_, inputs, target)) in enumerate(zip(runners, runs)):
             for step in range(block_steps + 1):
-                measured = _measure_step(runner, inputs, target, record_timeline)
+                measured = _measure_step(runner, inputs, target, variants[k].record_timeline)
                 if step > 0:  # the first step of a block warms caches, allocators and connections up
                     times[k].append(measured)
     return times
@@ -256,16 +263,29 @@ def _measure_step(runner, inputs: Sequence[torch.Tensor], target: torch.Tensor, 
     return MeasuredStep(float(elapsed[0]), tuple(events), float(elapsed[1]), -float(elapsed[2]))
 
 
-def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: int = 5,
-                  num_ranks: int = 2) -> list[StepComparison]:
-    """Predicted vs measured step time of each variant, over `num_ranks` local gloo ranks."""
+def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: int = 5, num_ranks: int = 2,
+                  num_launches: int = 1) -> list[StepComparison]:
+    """Predicted vs measured step time of each variant, over `num_ranks` local gloo ranks: the median
+    over `num_launches` launches of fresh rank processes of each launch's median step (the same
+    plan's median moved 10-11% from one launch to the next on a 2-core VM)."""
+    predicted = [compile_variant(model_spec, v, num_ranks)[0].simulate() for v in variants]
+    launches = measure_launches(model_spec, variants, num_steps, num_ranks, num_launches)
+    return [StepComparison(v, p.step_time_ms,
+                           statistics.median(statistics.median(r.wall_ms for r in launch[k]) for launch in launches),
+                           max(p.busy_ms),
+                           statistics.median(statistics.median(r.cpu_ms for r in launch[k]) for launch in launches))
+            for k, (v, p) in enumerate(zip(variants, predicted))]
+
+
+def measure_launches(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int,
+                     num_launches: int) -> list[list[list[MeasuredStep]]]:
+    """Per launch of `num_ranks` fresh local gloo processes, per variant, its measured steps."""
     from pipecc.runtime.launch import spawn_local
 
-    predicted = [compile_variant(model_spec, v, num_ranks)[0].simulate() for v in variants]
-    times = spawn_local(_steps_rank, num_ranks, model_spec, tuple(variants), num_steps, num_ranks)[0]
-    return [StepComparison(v, p.step_time_ms, statistics.median(r.wall_ms for r in t), max(p.busy_ms),
-                           statistics.median(r.cpu_ms for r in t))
-            for v, p, t in zip(variants, predicted, times)]
+    if not (isinstance(num_launches, int) and num_launches >= 1):
+        raise ConfigError(f"num_launches={num_launches!r}; it must be a positive integer.")
+    return [spawn_local(_steps_rank, num_ranks, model_spec, tuple(variants), num_steps, num_ranks)[0]
+            for _ in range(num_launches)]
 
 
 STEP_HEADER = (f"{'model':8s} {'schedule':9s} {'cost model':11s} {'step pred':>9s} {'measured':>9s} {'error':>6s} "

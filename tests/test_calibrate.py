@@ -135,9 +135,21 @@ def test_runtime_fit_reads_messages_and_steps_off_the_timeline() -> None:
                                                                                                 fit.step_overhead_ms)
 
 
+def test_receive_overhead_is_read_off_receives_whose_message_was_there() -> None:
+    """A receive begun well after its message was sent takes the receive overhead; one that waited
+    for the message says nothing about it and is left out."""
+    ready = [MeasuredStep(10.0, (_event(0, ActionKind.SEND_F, 1.0, 1.1), _event(1, ActionKind.RECV_F, start, start + ms)))
+             for start, ms in [(2.0, 0.04), (1.5, 0.05), (3.0, 0.03)]]
+    waited = [MeasuredStep(10.0, (_event(1, ActionKind.RECV_F, 0.0, 1.3), _event(0, ActionKind.SEND_F, 1.0, 1.1)))]
+    fit = fit_runtime(ready + waited * 5)
+    assert fit.receive_overhead_ms == pytest.approx(0.04)  # the median of the three that found it there
+    device = calibrated_device(CPU, "x", ComputeFit(1e9, 1e9, 0.0, 0.0), None, fit)
+    assert device.receive_overhead_ms == pytest.approx(0.04)
+
+
 def test_a_device_json_from_before_the_runtime_overheads_still_loads(tmp_path: Path) -> None:
     fields = {k: v for k, v in CPU.to_json().items() if not k.endswith(("action_overhead_ms", "message_overhead_ms",
-                                                                        "step_overhead_ms"))}
+                                                                        "step_overhead_ms", "receive_overhead_ms"))}
     path = tmp_path / "old.json"
     path.write_text(json.dumps(fields))
     assert resolve_device(str(path)) == CPU

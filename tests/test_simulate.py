@@ -138,7 +138,7 @@ def test_same_rank_boundaries_cost_no_link_time() -> None:
 
 def test_runtime_overheads_of_a_calibrated_device() -> None:
     """gpipe on 2 ranks, 1 micro-batch, F = B = W = 1, link 0.5: every compute action pays 0.25 more,
-    posting a send or receive 0.1, and the step ends 2.0 after the last action.
+    posting a send 0.1, and the step ends 2.0 after the last action.
     rank 0: F 0-1.25, send 1.25-1.35 (arrives 1.75), receive 1.35-5.75 (waits), BW 5.75-8.0;
     rank 1: receive 0-1.75, F 1.75-3.0, BW 3.0-5.25, send 5.25-5.35 (arrives 5.75)."""
     cost = replace(UNIT, send_forward_ms=0.5, send_backward_ms=0.5, action_overhead_ms=0.25,
@@ -148,9 +148,21 @@ def test_runtime_overheads_of_a_calibrated_device() -> None:
     assert timeline.busy_ms == pytest.approx((3.5, 3.5))
     sends = [e for e in timeline.events if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
     assert [e.end_ms - e.start_ms for e in sends] == pytest.approx([0.1, 0.1])
-    # a split backward pays the overhead once more per micro-batch: one more action
+    # a split backward shares one action overhead between its B and W: the same busy time as BW
     split = simulate(SCHEDULES["zb-h1"].build(2, 1), [cost, cost])
-    assert split.busy_ms == pytest.approx((3.75, 3.75))
+    assert split.busy_ms == pytest.approx((3.5, 3.5))
+
+
+def test_a_receive_whose_message_is_there_costs_the_receive_overhead() -> None:
+    """1F1B, 2 ranks, 2 micro-batches: rank 1's second receive finds its message there (sent while
+    rank 1 ran micro-batch 0), so it takes the receive overhead, not the send's."""
+    cost = replace(UNIT, send_forward_ms=0.1, send_backward_ms=0.1, message_overhead_ms=0.3,
+                   receive_overhead_ms=0.05)
+    timeline = simulate(SCHEDULES["1f1b"].build(2, 2), [cost, cost])
+    receives = [e for e in timeline.events if e.rank == 1 and e.action.kind is ActionKind.RECV_F]
+    assert receives[1].end_ms - receives[1].start_ms == pytest.approx(0.05)
+    cheaper = simulate(SCHEDULES["1f1b"].build(2, 2), [replace(cost, receive_overhead_ms=0.0)] * 2)
+    assert cheaper.step_time_ms < timeline.step_time_ms
 
 
 costs = st.builds(lambda f, b, w, s: replace(UNIT, forward_ms=f, backward_input_ms=b, backward_weight_ms=w,
