@@ -89,6 +89,49 @@ class RuntimeFit:
     message_overhead_ms: float
     step_overhead_ms: float
     receive_overhead_ms: float = 0.0
+    message_ms_per_mb: float = 0.0
+
+
+@dataclass(frozen=True)
+class SendSample:
+    """One measured send: the bytes it carried and how long posting it took."""
+
+    num_bytes: int
+    ms: float
+
+
+def send_samples(stages: Sequence[Stage], steps: Sequence[MeasuredStep]) -> list[SendSample]:
+    """Every recorded send of `steps` with its bytes: a SEND_F carries its stage's outputs, a SEND_B
+    the gradients of its stage's activation inputs that need one."""
+    carried = {}
+    for stage in stages:
+        carried[(ActionKind.SEND_F, stage.index)] = sum(o.spec.num_bytes for o in stage.outputs)
+        carried[(ActionKind.SEND_B, stage.index)] = sum(i.spec.num_bytes for i in stage.activation_inputs
+                                                        if i.spec.requires_grad)
+    return [SendSample(carried[(e.action.kind, e.action.stage)], e.end_ms - e.start_ms)
+            for step in steps for e in step.events if (e.action.kind, e.action.stage) in carried]
+
+
+def fit_send(samples: Sequence[SendSample]) -> tuple[float, float]:
+    """(overhead ms, ms per MB) of posting a send: the least-squares line through the median time of
+    each message size (medians: a send that met a stall says nothing of the others), both >= 0; with
+    one size, or a falling line, a flat one at the median.
+
+    >>> fit_send([SendSample(0, 0.1), SendSample(1_000_000, 0.3), SendSample(2_000_000, 0.5)])
+    (0.1, 0.2)
+    """
+    if not samples:
+        return 0.0, 0.0
+    by_size: dict[int, list[float]] = {}
+    for s in samples:
+        by_size.setdefault(s.num_bytes, []).append(s.ms)
+    sizes = np.array(sorted(by_size), dtype=np.float64) / 1e6
+    medians = np.array([statistics.median(by_size[b]) for b in sorted(by_size)])
+    if len(sizes) >= 2:
+        slope, intercept = np.polyfit(sizes, medians, 1)
+        if slope >= 0 and intercept >= 0:
+            return round(float(intercept), 12), round(float(slope), 12)
+    return float(statistics.median(s.ms for s in samples)), 0.0
 
 
 def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
@@ -136,16 +179,21 @@ def _action_terms(nodes: Sequence[NodeWork], kind: ActionKind, first_stage: bool
     raise ValueError(f"{kind} is not a compute action")
 
 
-def fit_runtime(steps: Sequence[MeasuredStep]) -> RuntimeFit:
+def fit_runtime(steps: Sequence[MeasuredStep], sends: Sequence[SendSample] | None = None) -> RuntimeFit:
     """The runtime's message and step overheads, from measured steps (medians: other jobs on a shared
-    machine only ever add time). The step overhead leaves out the tied-weight exchange, which the
-    simulator charges by itself (StageCost.sync_ms)."""
-    sends = [e.end_ms - e.start_ms for step in steps for e in step.events
-             if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
+    machine only ever add time). A send costs the median send's time, or with `sends` (their bytes:
+    `send_samples`) a line in its bytes (`fit_send`). The step overhead leaves out the tied-weight
+    exchange, which the simulator charges by itself (StageCost.sync_ms)."""
+    if sends is not None:
+        message_ms, per_mb = fit_send(sends)
+    else:
+        times = [e.end_ms - e.start_ms for step in steps for e in step.events
+                 if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
+        message_ms, per_mb = (statistics.median(times) if times else 0.0), 0.0
     outside = [max(0.0, step.wall_ms - _span_ms(step.events) - step.tied_sync_ms) for step in steps if step.events]
     received = [ms for step in steps for ms in _ready_receive_ms(step.events)]
-    return RuntimeFit(statistics.median(sends) if sends else 0.0, statistics.median(outside) if outside else 0.0,
-                      statistics.median(received) if received else 0.0)
+    return RuntimeFit(message_ms, statistics.median(outside) if outside else 0.0,
+                      statistics.median(received) if received else 0.0, per_mb)
 
 
 READY_MARGIN_MS = 0.2  # a receive begun this long after its send was posted finds the message there
@@ -373,6 +421,7 @@ def calibrated_device(base: DeviceSpec, name: str, compute: ComputeFit,
     if runtime is not None:
         spec = dataclasses.replace(spec, message_overhead_ms=runtime.message_overhead_ms,
                                    receive_overhead_ms=runtime.receive_overhead_ms,
+                                   message_ms_per_mb=runtime.message_ms_per_mb,
                                    step_overhead_ms=runtime.step_overhead_ms)
     if link is not None:
         spec = dataclasses.replace(spec, link_latency_ms=link[0], link_bandwidth_bytes_per_s=link[1])

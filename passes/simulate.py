@@ -17,8 +17,8 @@ The runtime's own costs (StageCost.action_overhead_ms, message_overhead_ms, rece
 step_overhead_ms; 0 unless the device spec was calibrated): F and a fused BW take the action
 overhead on top of their ops, and a split backward's B and W half of it each (measured on the MLP
 example's last stage: B 0.109 + W 0.086 ms against BW 0.212 ms, so splitting costs no second
-overhead); posting a send occupies its rank for the message overhead (its message leaves when
-it is posted), and a receive for the receive overhead or until its message arrives, whichever
+overhead); posting a send occupies its rank for the message overhead plus message_ms_per_mb
+for each MB it carries (its message leaves when it is posted), and a receive for the receive overhead or until its message arrives, whichever
 is later; and the step ends the step overhead after the last action (the runtime's work outside
 the actions: splitting the batch, waiting for the last sends).
 
@@ -109,6 +109,12 @@ def action_ms(action: Action, cost: StageCost) -> float:
     return 0.0
 
 
+def _sent_bytes(action: Action, costs: Sequence[StageCost]) -> int:
+    """What a SEND_F or SEND_B carries: the activations its stage sends on, or the gradients of those
+    the stage before sent it (the same bytes when all of them need a gradient)."""
+    return costs[action.stage].bytes_to_next if action.kind is ActionKind.SEND_F else costs[action.stage - 1].bytes_to_next
+
+
 def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
     """The predicted timeline of `schedule` when stage s costs `costs[s]` per micro-batch.
 
@@ -127,7 +133,7 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
         taken = start + cost.receive_overhead_ms  # a receive whose message is already there
         if action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
             arrival[(action.kind, action.stage, action.microbatch)] = start + action_ms(action, cost)
-            end = start + cost.message_overhead_ms
+            end = start + cost.message_overhead_ms + cost.message_ms_per_mb * _sent_bytes(action, costs) / 1e6
         elif action.kind is ActionKind.RECV_F:
             end = max(taken, arrival[(ActionKind.SEND_F, action.stage - 1, action.microbatch)])
         elif action.kind is ActionKind.RECV_B:

@@ -184,6 +184,7 @@ def _stage_cost(problem: PartitionProblem, costs: CostTable, start: int, stop: i
         action_overhead_ms=problem.device.action_overhead_ms / speed,
         message_overhead_ms=problem.device.message_overhead_ms,
         receive_overhead_ms=problem.device.receive_overhead_ms,
+        message_ms_per_mb=problem.device.message_ms_per_mb,
         step_overhead_ms=problem.device.step_overhead_ms,
     )
 

@@ -270,7 +270,7 @@ class StageFormulas:
             bytes_to_next=count(self.bytes_to_next), saved_bytes=count(self.saved_bytes),
             memory_bytes=count(self.memory_bytes), comm_ms=num(self.comm_ms),
             action_overhead_ms=like.action_overhead_ms, message_overhead_ms=like.message_overhead_ms,
-            receive_overhead_ms=like.receive_overhead_ms,
+            receive_overhead_ms=like.receive_overhead_ms, message_ms_per_mb=like.message_ms_per_mb,
             step_overhead_ms=like.step_overhead_ms, sync_ms=like.sync_ms)
 
 

@@ -26,7 +26,7 @@ from pipecc.ir import Captured, Partition, StageCost
 from pipecc.passes.annotate_costs import annotate_costs
 from pipecc.passes.calibrate import (ComputeFit, LinkSample, MeasuredStep, RuntimeFit, StageSample, StepFit, StepSample,
                                      action_samples, calibrated_device, fit_compute, fit_link, fit_runtime, fit_step,
-                                     ping_pong_ms, predict_ms)
+                                     ping_pong_ms, predict_ms, send_samples)
 from pipecc.passes.capture import capture
 from pipecc.passes.schedules import in_flight as held_microbatches
 from pipecc.pipeline import split_partition
@@ -55,7 +55,8 @@ class Calibration:
                 if d.conv_flops else "")
         return (f"fitted {d.name!r}: {d.peak_flops / 1e9:.2f} GFLOP/s{conv}, memory {d.memory_bandwidth_bytes_per_s / 1e9:.3f} GB/s, "
                 f"op overhead {d.op_overhead_ms * 1e3:.1f} us, action overhead {d.action_overhead_ms * 1e3:.0f} us, "
-                f"message overhead {d.message_overhead_ms * 1e3:.0f} us (receive {d.receive_overhead_ms * 1e3:.0f} us), step overhead {d.step_overhead_ms:.2f} ms, "
+                f"message overhead {d.message_overhead_ms * 1e3:.0f} us + {d.message_ms_per_mb * 1e3:.0f} us/MB "
+                f"(receive {d.receive_overhead_ms * 1e3:.0f} us), step overhead {d.step_overhead_ms:.2f} ms, "
                 f"link latency {d.link_latency_ms * 1e3:.1f} us{ping_pong}, link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
                 f"RMS relative error over {len(self.samples)} measured actions {100 * self.compute.rms_relative_error:.1f}%"
                 + (f", mean error over the measured steps {100 * self.step.mean_relative_error:.1f}%" if self.step else ""))
@@ -145,7 +146,8 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
     runs = collect_runs(model_specs, num_steps=num_steps)
     samples = [sample for run in runs for sample in action_samples(run.label, run.captured, run.plan.stages, run.steps)]
     compute = fit_compute(samples)
-    runtime = fit_runtime([step for run in runs for step in run.steps])
+    runtime = fit_runtime([step for run in runs for step in run.steps],
+                          [send for run in runs for send in send_samples(run.plan.stages, run.steps)])
     links = measure_link() if measure_links else []
     device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None, runtime)
     step = None

@@ -43,13 +43,16 @@ class DeviceSpec:
     # CPU time of taking a receive whose message is already there (its buffer was posted ahead);
     # fitted separately: on a 2-core VM 0.03-0.05 ms, against 0.06-0.25 ms to post a send
     receive_overhead_ms: float = 0.0
+    # and posting a send costs this much more per MB it carries (gloo writes into the socket what it
+    # takes at once, on the sending thread: on a 2-core VM 0.06 ms for 16 KB, 0.25 ms for 1 MB)
+    message_ms_per_mb: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bandwidth_bytes_per_s", "link_bandwidth_bytes_per_s",
                      "memory_capacity_bytes", "link_latency_ms", "op_overhead_ms", "action_overhead_ms",
-                     "message_overhead_ms", "step_overhead_ms", "receive_overhead_ms", "conv_flops", "conv_bandwidth_bytes_per_s"):
+                     "message_overhead_ms", "step_overhead_ms", "receive_overhead_ms", "message_ms_per_mb", "conv_flops", "conv_bandwidth_bytes_per_s"):
             value = getattr(self, name)
-            may_be_zero = name.endswith("_ms") or name.startswith("conv_")  # latencies, overheads; 0 conv: general
+            may_be_zero = name.endswith(("_ms", "_per_mb")) or name.startswith("conv_")  # latencies, overheads; 0 conv: general
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not is_number or not (value >= 0 if may_be_zero else value > 0):
                 raise ConfigError(

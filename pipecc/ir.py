@@ -107,7 +107,8 @@ class StageCost:
     # Summing the gradients of weights that other ranks also hold (tied weights), after the rank's
     # last action; carried by the rank's first stage, 0 on its others.
     sync_ms: float = 0.0
-    receive_overhead_ms: float = 0.0  # the DeviceSpec field of that name
+    receive_overhead_ms: float = 0.0  # the DeviceSpec fields of these names
+    message_ms_per_mb: float = 0.0
 
     @property
     def compute_ms(self) -> float:

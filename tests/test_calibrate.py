@@ -233,3 +233,23 @@ def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
     assert result.step is not None and result.step.mean_relative_error < 1.0
     assert result.device.link_latency_ms == result.step.link_latency_ms >= fit_link(result.link_samples)[0]
     assert "ping-pong" in result.summary() and "mean error over the measured steps" in result.summary()
+
+
+def test_sends_are_timed_by_the_bytes_they_carry() -> None:
+    """send_samples gives each recorded send its stage's bytes; the fitted line through them is what
+    the simulator charges for posting a send of that size."""
+    from pipecc.passes.calibrate import SendSample, fit_send, send_samples
+
+    model, inputs, loss_fn, target = gpt.build(batch_size=4, vocab_size=64, d_model=16, n_layers=2, n_heads=2, seq_len=8)
+    plan = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=2)
+    forward_bytes = sum(o.spec.num_bytes for o in plan.stages[0].outputs)
+    step = MeasuredStep(5.0, (TimedAction(0, Action(0, ActionKind.SEND_F, 0), 1.0, 1.2),
+                              TimedAction(1, Action(1, ActionKind.SEND_B, 0), 2.0, 2.3)))
+    samples = send_samples(plan.stages, [step])
+    grad_bytes = sum(i.spec.num_bytes for i in plan.stages[1].activation_inputs if i.spec.requires_grad)
+    assert samples == [SendSample(forward_bytes, pytest.approx(0.2)), SendSample(grad_bytes, pytest.approx(0.3))]
+    assert fit_send([SendSample(1000, 0.1)] * 3) == (0.1, 0.0)  # one size: a flat line at the median
+    overhead, per_mb = fit_send([SendSample(b, 0.05 + 0.2 * b / 1e6) for b in (16_000, 256_000, 1_000_000)])
+    assert (overhead, per_mb) == (pytest.approx(0.05), pytest.approx(0.2))
+    fit = fit_runtime([step], [SendSample(b, 0.05 + 0.2 * b / 1e6) for b in (16_000, 1_000_000)])
+    assert (fit.message_overhead_ms, fit.message_ms_per_mb) == (pytest.approx(0.05), pytest.approx(0.2))

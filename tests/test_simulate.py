@@ -235,3 +235,12 @@ def test_tied_weights_on_two_ranks_cost_their_gradient_exchange() -> None:
                             num_microbatches=4, schedule="zbv")
     assert {s.rank for s in v_plan.stages if "tok_emb" in str([b.canonical_name for b in s.params])} == {0}
     assert all(s.cost.sync_ms == 0.0 for s in v_plan.stages)
+
+
+def test_posting_a_send_costs_its_bytes_too() -> None:
+    """A 2 MB activation posted at 0.1 ms + 0.5 ms/MB occupies its rank 1.1 ms; its gradient, sent
+    back by the next stage, the same."""
+    cost = replace(UNIT, bytes_to_next=2_000_000, message_overhead_ms=0.1, message_ms_per_mb=0.5)
+    timeline = simulate(SCHEDULES["gpipe"].build(2, 1), [cost, replace(cost, bytes_to_next=0)])
+    sends = [e for e in timeline.events if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
+    assert [e.end_ms - e.start_ms for e in sends] == pytest.approx([1.1, 1.1])
