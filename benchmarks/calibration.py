@@ -44,6 +44,21 @@ def spec_of(name: str) -> str:
     return str(Path(_ROOT) / "examples" / f"{name}.py") + ":build"
 
 
+def machine_probe_ms(seconds: float = 0.5) -> float:
+    """The median time of a fixed single-thread workload (a 256x256 matmul and a 1M-element add):
+    how fast this machine runs right now. On a shared VM it drifts (12% between two minutes of
+    one session), and a prediction fitted at one speed is then measured at another."""
+    a, x = torch.randn(256, 256), torch.randn(1 << 20)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ a
+        x + x
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def profile_consistency(names: list[str], cache_dir: str) -> None:
     from pipecc.cli import build_model
 
@@ -86,6 +101,7 @@ def main() -> int:
     device_path = args.device_out or os.path.join(work, "device.json")
 
     start = time.perf_counter()
+    probe_at_calibration = machine_probe_ms()
     calibration = calibrate([spec_of(m) for m in args.fit_models or args.models])
     write_device(calibration.device, device_path)
     print(f"calibration took {time.perf_counter() - start:.1f} s; {calibration.summary()}")
@@ -106,7 +122,10 @@ def main() -> int:
         plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
                          num_microbatches=args.microbatches)
                  for s in args.schedules for d, c in variants.values()]
+        drift = machine_probe_ms() / probe_at_calibration - 1
         results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
+        print(f"{name}: a fixed matmul + add probe runs {100 * drift:+.0f}% slower than at calibration "
+              "(the machine's own drift, which no fitted spec can follow)", flush=True)
         for i, schedule in enumerate(args.schedules):
             row = results[i * len(variants):(i + 1) * len(variants)]  # each variant may cut the model differently
             for key, r in zip(variants, row):
