@@ -40,7 +40,7 @@ from pipecc.costs import DeviceSpec
 from pipecc.errors import ConfigError
 from pipecc.ir import ActionKind, Captured, Schedule, Stage, StageCost
 from pipecc.passes.annotate_costs import NodeWork, annotate_work
-from pipecc.passes.simulate import TimedAction, simulate
+from pipecc.passes.simulate import TimedAction, matching_send, simulate
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,10 @@ def fit_runtime(steps: Sequence[MeasuredStep], sends: Sequence[SendSample] | Non
     machine only ever add time). A send costs the median send's time, or with `sends` (their bytes:
     `send_samples`) a line in its bytes (`fit_send`). The step overhead leaves out the tied-weight
     exchange, which the simulator charges by itself (StageCost.sync_ms)."""
-    if sends is not None:
-        message_ms, per_mb = fit_send(sends)
-    else:
-        times = [e.end_ms - e.start_ms for step in steps for e in step.events
+    if sends is None:  # sizes unknown: all alike, a flat line at the median
+        sends = [SendSample(0, e.end_ms - e.start_ms) for step in steps for e in step.events
                  if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)]
-        message_ms, per_mb = (statistics.median(times) if times else 0.0), 0.0
+    message_ms, per_mb = fit_send(sends)
     outside = [max(0.0, step.wall_ms - _span_ms(step.events) - step.tied_sync_ms) for step in steps if step.events]
     received = [ms for step in steps for ms in _ready_receive_ms(step.events)]
     return RuntimeFit(message_ms, statistics.median(outside) if outside else 0.0,
@@ -204,17 +202,8 @@ def _ready_receive_ms(events: Sequence[TimedAction]) -> list[float]:
     (the ranks' clocks agree to about 0.1 ms: both start at a barrier)."""
     sent = {(e.action.kind, e.action.stage, e.action.microbatch): e.end_ms for e in events
             if e.action.kind in (ActionKind.SEND_F, ActionKind.SEND_B)}
-    ready = []
-    for e in events:
-        if e.action.kind is ActionKind.RECV_F:
-            key = (ActionKind.SEND_F, e.action.stage - 1, e.action.microbatch)
-        elif e.action.kind is ActionKind.RECV_B:
-            key = (ActionKind.SEND_B, e.action.stage + 1, e.action.microbatch)
-        else:
-            continue
-        if key in sent and e.start_ms >= sent[key] + READY_MARGIN_MS:
-            ready.append(e.end_ms - e.start_ms)
-    return ready
+    receives = [(e, matching_send(e.action)) for e in events if e.action.kind in (ActionKind.RECV_F, ActionKind.RECV_B)]
+    return [e.end_ms - e.start_ms for e, send in receives if send in sent and e.start_ms >= sent[send] + READY_MARGIN_MS]
 
 
 # StageCost fields that grow linearly with the link latency (the rest do not depend on it)

@@ -109,6 +109,20 @@ def action_ms(action: Action, cost: StageCost) -> float:
     return 0.0
 
 
+def matching_send(action: Action) -> tuple[ActionKind, int, int]:
+    """The (kind, stage, micro-batch) of the send a RECV_F or RECV_B takes: activations from the
+    stage before, gradients from the stage after.
+
+    >>> matching_send(Action(2, ActionKind.RECV_B, 1))
+    (<ActionKind.SEND_B: 'SEND_B'>, 3, 1)
+    """
+    if action.kind is ActionKind.RECV_F:
+        return ActionKind.SEND_F, action.stage - 1, action.microbatch
+    if action.kind is ActionKind.RECV_B:
+        return ActionKind.SEND_B, action.stage + 1, action.microbatch
+    raise ValueError(f"{action} receives nothing")
+
+
 def _sent_bytes(action: Action, costs: Sequence[StageCost]) -> int:
     """What a SEND_F or SEND_B carries: the activations its stage sends on, or the gradients of those
     the stage before sent it (the same bytes when all of them need a gradient)."""
@@ -134,10 +148,8 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
         if action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
             arrival[(action.kind, action.stage, action.microbatch)] = start + action_ms(action, cost)
             end = start + cost.message_overhead_ms + cost.message_ms_per_mb * _sent_bytes(action, costs) / 1e6
-        elif action.kind is ActionKind.RECV_F:
-            end = max(taken, arrival[(ActionKind.SEND_F, action.stage - 1, action.microbatch)])
-        elif action.kind is ActionKind.RECV_B:
-            end = max(taken, arrival[(ActionKind.SEND_B, action.stage + 1, action.microbatch)])
+        elif action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
+            end = max(taken, arrival[matching_send(action)])
         else:
             end = start + action_ms(action, cost)
         clock[rank] = end

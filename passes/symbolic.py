@@ -33,8 +33,7 @@ from pipecc.costs import CostTable, DeviceSpec
 from pipecc.errors import ConfigError
 from pipecc.ir import Captured, InputKind, Stage, StageCost
 from pipecc.passes.annotate_costs import (NodeWork, _value_bytes, _Work, measure_in_mode, node_cost, node_signature,
-                                        stage_backward_ms,
-                                          node_work)
+                                          node_work, stage_backward_ms)
 from pipecc.passes.graph_facts import compute_nodes, grad_nodes, node_tensors
 
 MICROBATCH = sympy.Symbol("b", integer=True, positive=True)

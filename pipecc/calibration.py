@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from pipecc.costs import DeviceSpec, resolve_device
+from pipecc.costs import CostTable, DeviceSpec, resolve_device
 from pipecc.errors import ConfigError
 from pipecc.ir import Captured, Partition, StageCost
 from pipecc.passes.annotate_costs import annotate_costs
@@ -84,18 +84,20 @@ class MeasuredRun:
     steps: tuple[MeasuredStep, ...]
     plain_steps: tuple[MeasuredStep, ...]
 
-    def stage_costs(self, device: DeviceSpec) -> tuple[StageCost, ...]:
-        """The plan's stages, its partition kept, costed on `device`."""
+    def _stage_costs(self, costs: CostTable) -> tuple[StageCost, ...]:
+        """The plan's stages, its partition kept, costed by `costs` (and its device's link)."""
         schedule = self.plan.schedule
         partition = Partition(schedule.num_stages, {n: s.index for s in self.plan.stages for n in s.node_names}, 0.0)
-        _, stages = split_partition(self.captured, partition, annotate_costs(self.captured, device), schedule,
+        _, stages = split_partition(self.captured, partition, costs, schedule,
                                     lambda stage: held_microbatches(schedule, stage), None)
         return tuple(s.cost for s in stages)
 
     def step_sample(self, device: DeviceSpec) -> StepSample:
         """This run for fit_step: its stages on `device` at link latency 0 and 1 ms, and the median of
         its steps measured without recording."""
-        at = [self.stage_costs(dataclasses.replace(device, link_latency_ms=ms)) for ms in (0.0, 1.0)]
+        costs = annotate_costs(self.captured, device)  # node times do not depend on the link
+        at = [self._stage_costs(dataclasses.replace(costs, device=dataclasses.replace(device, link_latency_ms=ms)))
+              for ms in (0.0, 1.0)]
         return StepSample(f"{self.label} {self.plan.schedule.name} x{self.plan.schedule.num_microbatches}",
                           self.plan.schedule, at[0], at[1], statistics.median(s.wall_ms for s in self.plain_steps))
 
@@ -272,10 +274,11 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
     plan's median moved 10-11% from one launch to the next on a 2-core VM)."""
     predicted = [compile_variant(model_spec, v, num_ranks)[0].simulate() for v in variants]
     launches = measure_launches(model_spec, variants, num_steps, num_ranks, num_launches)
-    return [StepComparison(v, p.step_time_ms,
-                           statistics.median(statistics.median(r.wall_ms for r in launch[k]) for launch in launches),
-                           max(p.busy_ms),
-                           statistics.median(statistics.median(r.cpu_ms for r in launch[k]) for launch in launches))
+
+    def over_launches(k: int, field: str) -> float:  # the median of each launch's median
+        return statistics.median(statistics.median(getattr(r, field) for r in launch[k]) for launch in launches)
+
+    return [StepComparison(v, p.step_time_ms, over_launches(k, "wall_ms"), max(p.busy_ms), over_launches(k, "cpu_ms"))
             for k, (v, p) in enumerate(zip(variants, predicted))]
 
 

@@ -50,9 +50,11 @@ class DeviceSpec:
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bandwidth_bytes_per_s", "link_bandwidth_bytes_per_s",
                      "memory_capacity_bytes", "link_latency_ms", "op_overhead_ms", "action_overhead_ms",
-                     "message_overhead_ms", "step_overhead_ms", "receive_overhead_ms", "message_ms_per_mb", "conv_flops", "conv_bandwidth_bytes_per_s"):
+                     "message_overhead_ms", "step_overhead_ms", "receive_overhead_ms", "message_ms_per_mb",
+                     "conv_flops", "conv_bandwidth_bytes_per_s"):
             value = getattr(self, name)
-            may_be_zero = name.endswith(("_ms", "_per_mb")) or name.startswith("conv_")  # latencies, overheads; 0 conv: general
+            # latencies, overheads and per-MB costs may be 0; a conv rate of 0 means the general one
+            may_be_zero = name.endswith(("_ms", "_per_mb")) or name.startswith("conv_")
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not is_number or not (value >= 0 if may_be_zero else value > 0):
                 raise ConfigError(

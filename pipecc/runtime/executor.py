@@ -13,7 +13,7 @@ from torch import nn
 from pipecc.errors import PipelineRuntimeError
 from pipecc.ir import Action, ActionKind, InputKind, Schedule, Stage, TensorSpec
 from pipecc.passes.rng import dropout_microbatch
-from pipecc.passes.simulate import TimedAction
+from pipecc.passes.simulate import TimedAction, matching_send
 
 
 @dataclass(frozen=True)
@@ -113,15 +113,12 @@ def incoming(action: Action, stages: Sequence[Stage], schedule: Schedule
     """What a RECV_F or RECV_B action receives: the message, its tensors' specs, and the sending rank.
     Activations come from the previous stage (all of this stage's activation inputs); gradients
     from the next stage (of its activation inputs that require grad)."""
-    s = action.stage
-    if action.kind is ActionKind.RECV_F:
-        return (Message("F", s - 1, action.microbatch), [i.spec for i in stages[s].activation_inputs],
-                schedule.stage_to_rank[s - 1])
-    if action.kind is ActionKind.RECV_B:
-        return (Message("B", s + 1, action.microbatch),
-                [i.spec for i in stages[s + 1].activation_inputs if i.spec.requires_grad],
-                schedule.stage_to_rank[s + 1])
-    raise ValueError(f"{action} receives nothing")
+    kind, sender, mb = matching_send(action)  # ValueError for an action that receives nothing
+    if kind is ActionKind.SEND_F:
+        return Message("F", sender, mb), [i.spec for i in stages[action.stage].activation_inputs], \
+            schedule.stage_to_rank[sender]
+    return (Message("B", sender, mb), [i.spec for i in stages[sender].activation_inputs if i.spec.requires_grad],
+            schedule.stage_to_rank[sender])
 
 
 class TimelineRecorder:
