@@ -1,12 +1,13 @@
 """Simulate: a predicted timeline of one step from the schedule and the per-stage costs.
 
-Each rank runs its (lowered) actions in order, every action as soon as its inputs are there. A compute action takes its stage's estimated
-time; a send costs the sender nothing (it is asynchronous) and its message arrives one
-transfer time later; a receive waits for that arrival. Memory: a rank holds its stages'
-weights and gradients throughout, and each micro-batch's saved activations from the end of
-its F until the end of its BW (or W when the backward is split). B is taken to free nothing:
-the runtime's B keeps the autograd graph for W, so this is exact for it and an upper bound for
-a split backward that frees what W does not read.
+Each rank runs its (lowered) actions in order, every action as soon as its inputs are there. A
+compute action takes its stage's estimated time; a send costs the sender nothing (it is
+asynchronous) and its message arrives one transfer time later; a receive waits for that arrival.
+Memory: a rank holds its stages' weights and gradients throughout, each micro-batch's saved
+activations from the end of its F until the end of its BW (or W when the backward is split), and
+the buffer of each incoming message from the step's start (the runtime posts them all then) until
+it is taken. B is taken to free nothing: the runtime's B keeps the autograd graph for W, so this
+is exact for it and an upper bound for a split backward that frees what W does not read.
 
 Communication: a message crosses the link only between stages on different ranks (insert_comm
 adds no send between stages of one rank); its time is the link latency per tensor plus bytes
@@ -129,6 +130,14 @@ def _sent_bytes(action: Action, costs: Sequence[StageCost]) -> int:
     return costs[action.stage].bytes_to_next if action.kind is ActionKind.SEND_F else costs[action.stage - 1].bytes_to_next
 
 
+def _received_bytes(action: Action, costs: Sequence[StageCost]) -> int:
+    """What a RECV_F or RECV_B takes in (0 for any other action)."""
+    if action.kind not in (ActionKind.RECV_F, ActionKind.RECV_B):
+        return 0
+    kind, stage, microbatch = matching_send(action)
+    return _sent_bytes(Action(stage, kind, microbatch), costs)
+
+
 def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
     """The predicted timeline of `schedule` when stage s costs `costs[s]` per micro-batch.
 
@@ -225,13 +234,16 @@ def _peak_memory(schedule: Schedule, events: Sequence[TimedAction], costs: Seque
     for rank in range(schedule.num_ranks):
         stages = schedule.stages_of(rank)
         weights = sum(2 * costs[s].param_bytes for s in stages)
-        held = peak = 0
-        for e in sorted((e for e in events if e.rank == rank), key=lambda e: (e.end_ms, e.start_ms)):
+        mine = sorted((e for e in events if e.rank == rank), key=lambda e: (e.end_ms, e.start_ms))
+        # the runtime posts the buffers of all the step's incoming messages at its start
+        held = peak = sum(_received_bytes(e.action, costs) for e in mine)
+        for e in mine:
             saved = costs[e.action.stage].saved_bytes
             if e.action.kind is ActionKind.F:
                 held += saved
             elif e.action.kind in (ActionKind.BW, ActionKind.W):
                 held -= saved
+            held -= _received_bytes(e.action, costs)  # taken: the stage's input from here on
             peak = max(peak, held)
         peaks.append(weights + peak)
     return tuple(peaks)

@@ -1,6 +1,6 @@
-"""The distributed transport posts each incoming link's next receives before the peer sends them
-(gloo delivers into a posted receive at once; a late one waits on the sender's progress thread),
-and a receive it was not told about still arrives."""
+"""The distributed transport posts every receive of the step before the peer sends (gloo delivers
+into a posted receive at once; a late one waits on the sender's progress thread, and its notice
+shares the connection the peer sends on), and a receive it was not told about still arrives."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.distributed as dist
 import pipecc
 from pipecc.ir import ActionKind
 from pipecc.passes.insert_comm import insert_comm
-from pipecc.runtime.dist import RECEIVES_AHEAD, DirectedLinks, DistTransport
+from pipecc.runtime.dist import DirectedLinks, DistTransport
 from pipecc.runtime.executor import Message, incoming
 from pipecc.testing import run_ranks
 from models import build
@@ -50,10 +50,10 @@ def _exchange(pre_post: bool) -> list[object] | None:
     return seen
 
 
-def test_receives_are_posted_ahead_per_link() -> None:
+def test_every_receive_of_the_step_is_posted_before_the_first_is_taken() -> None:
     seen = run_ranks(_exchange, 2, True)[1]
     for mb, (posted, values) in enumerate(seen):
-        assert posted == list(range(mb, min(mb + RECEIVES_AHEAD, NUM_MICROBATCHES))), mb
+        assert posted == list(range(mb, NUM_MICROBATCHES)), mb
         assert values == [float(mb)]
 
 
