@@ -46,7 +46,7 @@ class Calibration:
     runtime: RuntimeFit
     samples: tuple[StageSample, ...]
     link_samples: tuple[LinkSample, ...]
-    step: StepFit | None = None  # the step-level fit of the link latency
+    step: StepFit | None = None  # the step-level fit of the link latency and step overhead
 
     def summary(self) -> str:
         d = self.device
@@ -140,9 +140,9 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
               measure_links: bool = True, num_steps: int = 10) -> Calibration:
     """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
-    ranks of this machine: compute rates and overheads to the actions, message and step overheads
-    to the timeline, the link to gloo ping-pongs, and then the link latency to the whole steps
-    (`fit_step`; with measure_links=False the base spec's link is kept as it is)."""
+    ranks of this machine: compute rates and overheads to the actions, message overheads to the
+    timeline, the link to gloo ping-pongs, and then the step overhead and the link latency to the
+    whole steps (`fit_step`; with measure_links=False the base spec's link is kept as it is)."""
     if not model_specs:
         raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
     runs = collect_runs(model_specs, num_steps=num_steps)
@@ -152,11 +152,10 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
                           [send for run in runs for send in send_samples(run.plan.stages, run.steps)])
     links = measure_link() if measure_links else []
     device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None, runtime)
-    step = None
-    if measure_links:  # the latency that makes whole simulated steps match the measured ones
-        step = fit_step([run.step_sample(device) for run in runs], step_overhead_ms=device.step_overhead_ms,
-                        min_latency_ms=device.link_latency_ms)
-        device = dataclasses.replace(device, link_latency_ms=step.link_latency_ms)
+    # the step overhead, and the latency that makes whole simulated steps match the measured ones
+    step = fit_step([run.step_sample(device) for run in runs], min_latency_ms=device.link_latency_ms,
+                    max_latency_ms=5.0 if measure_links else device.link_latency_ms)
+    device = dataclasses.replace(device, link_latency_ms=step.link_latency_ms, step_overhead_ms=step.step_overhead_ms)
     return Calibration(device, compute, runtime, tuple(samples), tuple(links), step)
 
 

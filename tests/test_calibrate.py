@@ -197,8 +197,8 @@ def test_cli_calibrate_writes_a_device_json_that_report_reads(tmp_path: Path, ca
 
 
 def test_step_fit_recovers_the_latency_behind_whole_steps() -> None:
-    """Steps simulated with a known latency (and step overhead) give that latency back, from the
-    ping-pong's lower bound, whatever the schedule's number of hops."""
+    """Steps simulated with a known latency and step overhead give both back, from the ping-pong's
+    lower bound, whatever the schedule's number of hops."""
     from pipecc.ir import StageCost
     from pipecc.passes.calibrate import StepSample, fit_step
     from pipecc.passes.schedules.gpipe import gpipe
@@ -216,22 +216,26 @@ def test_step_fit_recovers_the_latency_behind_whole_steps() -> None:
         sample = StepSample("synthetic", schedule, (zero0, zero1), (one0, one1), 1.0)
         measured = simulate(schedule, sample.costs(0.3)).step_time_ms + 0.4
         samples.append(dataclasses.replace(sample, measured_ms=measured))
-    fit = fit_step(samples, step_overhead_ms=0.4, min_latency_ms=0.05)
+    fit = fit_step(samples, min_latency_ms=0.05)
     assert fit.link_latency_ms == pytest.approx(0.3, abs=0.002) and fit.mean_relative_error < 1e-3
-    assert fit_step(samples, step_overhead_ms=0.4, min_latency_ms=0.5).link_latency_ms == pytest.approx(0.5)
+    assert fit.step_overhead_ms == pytest.approx(0.4, abs=0.01)
+    assert fit_step(samples, min_latency_ms=0.5).link_latency_ms == pytest.approx(0.5)
+    held = fit_step(samples, min_latency_ms=0.3, max_latency_ms=0.3)  # calibrate --no-link: the overhead alone
+    assert held.link_latency_ms == pytest.approx(0.3) and held.step_overhead_ms == pytest.approx(0.4, abs=1e-9)
     with pytest.raises(ConfigError):
-        fit_step([], step_overhead_ms=0.0)
+        fit_step([])
 
 
 @pytest.mark.dist
 def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
-    """End to end on 2 gloo ranks: the fitted latency is at least the ping-pong's, and the summary
-    names both."""
+    """End to end on 2 gloo ranks: the fitted latency is at least the ping-pong's, the step overhead
+    is the step fit's, and the summary names both latencies."""
     from pipecc.calibration import calibrate
 
     result = calibrate(["examples/mlp.py:build"], num_steps=2)
     assert result.step is not None and result.step.mean_relative_error < 1.0
     assert result.device.link_latency_ms == result.step.link_latency_ms >= fit_link(result.link_samples)[0]
+    assert result.device.step_overhead_ms == result.step.step_overhead_ms >= 0.0
     assert "ping-pong" in result.summary() and "mean error over the measured steps" in result.summary()
 
 
