@@ -17,8 +17,8 @@ finer grid around the best: no local minimum traps, and well under a second of n
 
 Messages and steps are read off the same timelines (`fit_runtime`): posting a send costs its
 rank the median send action's time, taking a receive whose message is already there the median
-such receive's time, and a step costs the median time between the wall-clock step and the span
-of its actions. Links are fitted from ping-pong times between two ranks
+such receive's time, and a step first costs the median time between the wall-clock step and the
+span of its actions (`fit_step` replaces that, below). Links are fitted from ping-pong times between two ranks
 (`ping_pong_ms`): a message of n bytes takes `latency + n / bandwidth` one way, a straight line.
 Last, `fit_step` simulates each measured configuration's whole step on the fitted device and
 fits the step overhead, and the latency (from the ping-pong's up) to what pipelined steps see:
@@ -236,7 +236,11 @@ class StepFit:
     step_overhead_ms: float = 0.0
 
 
-def fit_step(samples: Sequence[StepSample], *, min_latency_ms: float = 0.0, max_latency_ms: float = 5.0) -> StepFit:
+MAX_LINK_LATENCY_MS = 5.0  # the highest latency fit_step searches
+
+
+def fit_step(samples: Sequence[StepSample], *, min_latency_ms: float = 0.0,
+             max_latency_ms: float = MAX_LINK_LATENCY_MS) -> StepFit:
     """The link latency and step overhead whose simulated steps come closest to the measured
     medians, in mean absolute relative error (a configuration whose steps met a burst of load, or
     a gloo stall, pulls them less than under squares).

@@ -24,9 +24,9 @@ from pipecc.costs import CostTable, DeviceSpec, resolve_device
 from pipecc.errors import ConfigError
 from pipecc.ir import Captured, Partition, StageCost
 from pipecc.passes.annotate_costs import annotate_costs
-from pipecc.passes.calibrate import (ComputeFit, LinkSample, MeasuredStep, RuntimeFit, StageSample, StepFit, StepSample,
-                                     action_samples, calibrated_device, fit_compute, fit_link, fit_runtime, fit_step,
-                                     ping_pong_ms, predict_ms, send_samples)
+from pipecc.passes.calibrate import (MAX_LINK_LATENCY_MS, ComputeFit, LinkSample, MeasuredStep, RuntimeFit, StageSample,
+                                     StepFit, StepSample, action_samples, calibrated_device, fit_compute, fit_link,
+                                     fit_runtime, fit_step, ping_pong_ms, predict_ms, send_samples)
 from pipecc.passes.capture import capture
 from pipecc.passes.schedules import in_flight as held_microbatches
 from pipecc.pipeline import split_partition
@@ -46,7 +46,7 @@ class Calibration:
     runtime: RuntimeFit
     samples: tuple[StageSample, ...]
     link_samples: tuple[LinkSample, ...]
-    step: StepFit | None = None  # the step-level fit of the link latency and step overhead
+    step: StepFit  # the step-level fit of the link latency and step overhead
 
     def summary(self) -> str:
         d = self.device
@@ -59,7 +59,7 @@ class Calibration:
                 f"(receive {d.receive_overhead_ms * 1e3:.0f} us), step overhead {d.step_overhead_ms:.2f} ms, "
                 f"link latency {d.link_latency_ms * 1e3:.1f} us{ping_pong}, link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
                 f"RMS relative error over {len(self.samples)} measured actions {100 * self.compute.rms_relative_error:.1f}%"
-                + (f", mean error over the measured steps {100 * self.step.mean_relative_error:.1f}%" if self.step else ""))
+                f", mean error over the measured steps {100 * self.step.mean_relative_error:.1f}%")
 
 
 def _build(model_spec: str) -> tuple:
@@ -154,7 +154,7 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
     device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None, runtime)
     # the step overhead, and the latency that makes whole simulated steps match the measured ones
     step = fit_step([run.step_sample(device) for run in runs], min_latency_ms=device.link_latency_ms,
-                    max_latency_ms=5.0 if measure_links else device.link_latency_ms)
+                    max_latency_ms=MAX_LINK_LATENCY_MS if measure_links else device.link_latency_ms)
     device = dataclasses.replace(device, link_latency_ms=step.link_latency_ms, step_overhead_ms=step.step_overhead_ms)
     return Calibration(device, compute, runtime, tuple(samples), tuple(links), step)
 
