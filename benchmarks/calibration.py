@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import pipecc  # noqa: E402
 from pipecc.calibration import (STEP_HEADER, Variant, calibrate, compare_steps, format_step_row,  # noqa: E402
-                                write_device)
+                                format_steps, write_device)
 from pipecc.passes.profile import measure_stage_times  # noqa: E402
 
 MODELS = ("gpt", "bert", "mlp", "resnet", "unet")
@@ -87,6 +87,8 @@ def main() -> int:
     parser.add_argument("--launches", type=int, default=3,
                         help="launches of fresh rank processes per model; a plan's measured step is the median of "
                              "their medians (one launch's median moves about 10%% from the next's)")
+    parser.add_argument("--fit-launches", type=int, default=4,
+                        help="launches of fresh rank processes per model that the spec is fitted to")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--device-out", default=None, help="where to write the fitted device JSON")
     parser.add_argument("--nice", type=int, default=0,
@@ -102,10 +104,11 @@ def main() -> int:
 
     start = time.perf_counter()
     probe_at_calibration = machine_probe_ms()
-    calibration = calibrate([spec_of(m) for m in args.fit_models or args.models])
+    calibration = calibrate([spec_of(m) for m in args.fit_models or args.models], num_launches=args.fit_launches)
     write_device(calibration.device, device_path)
     print(f"calibration took {time.perf_counter() - start:.1f} s; {calibration.summary()}")
     print(f"device JSON: {device_path}")
+    print("the steps it was fitted to (1F1B, without the timeline):\n" + format_steps(calibration))
     print("link ping-pong (one way): " + ", ".join(f"{s.num_bytes} B {s.one_way_ms * 1e3:.0f} us"
                                                    for s in calibration.link_samples))
 

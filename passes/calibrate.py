@@ -230,10 +230,25 @@ class StepSample:
 
 
 @dataclass(frozen=True)
+class FittedStep:
+    """One configuration of the step fit: its simulated step at the fitted latency and overhead,
+    beside the median of its measured steps."""
+
+    label: str
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_ms / self.measured_ms - 1.0
+
+
+@dataclass(frozen=True)
 class StepFit:
     link_latency_ms: float
     mean_relative_error: float  # mean |simulated / measured - 1| over the configurations
     step_overhead_ms: float = 0.0
+    steps: tuple[FittedStep, ...] = ()  # per configuration, in the order of the samples
 
 
 MAX_LINK_LATENCY_MS = 5.0  # the highest latency fit_step searches
@@ -260,16 +275,21 @@ def fit_step(samples: Sequence[StepSample], *, min_latency_ms: float = 0.0,
         raise ConfigError("the step-level fit needs at least one measured configuration.")
     measured = np.array([s.measured_ms for s in samples])
 
+    def simulated_at(latency: float) -> np.ndarray:
+        return np.array([simulate(s.schedule, s.costs(latency)).step_time_ms for s in samples])
+
     def fit_at(latency: float) -> tuple[float, float, float]:  # (error, latency, step overhead)
-        simulated = np.array([simulate(s.schedule, s.costs(latency)).step_time_ms for s in samples])
+        simulated = simulated_at(latency)
         overhead = max(0.0, _weighted_median(measured - simulated, 1.0 / measured))
         return float(np.abs((simulated + overhead) / measured - 1).mean()), latency, overhead
 
     coarse = np.arange(min_latency_ms, max(min_latency_ms, max_latency_ms) + 0.01, 0.02)
     best = min(fit_at(float(latency)) for latency in coarse)
     fine = np.arange(max(min_latency_ms, best[1] - 0.02), min(max_latency_ms, best[1] + 0.02) + 0.001, 0.002)
-    best = min([best] + [fit_at(float(latency)) for latency in fine])
-    return StepFit(best[1], best[0], best[2])
+    error, latency, overhead = min([best] + [fit_at(float(latency)) for latency in fine])
+    steps = tuple(FittedStep(s.label, float(t) + overhead, s.measured_ms)
+                  for s, t in zip(samples, simulated_at(latency)))
+    return StepFit(latency, error, overhead, steps)
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

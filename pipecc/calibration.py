@@ -138,14 +138,18 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 
 
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
-              measure_links: bool = True, num_steps: int = 10) -> Calibration:
+              measure_links: bool = True, num_steps: int = 10, num_launches: int = 4) -> Calibration:
     """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
     ranks of this machine: compute rates and overheads to the actions, message overheads to the
     timeline, the link to gloo ping-pongs, and then the step overhead and the link latency to the
-    whole steps (`fit_step`; with measure_links=False the base spec's link is kept as it is)."""
+    whole steps (`fit_step`; with measure_links=False the base spec's link is kept as it is).
+
+    Each configuration is measured in `num_launches` launches of fresh rank processes: one launch's
+    median step moves 5-15% from the next's on a 2-core VM, and with 2 launches two calibrations
+    minutes apart predicted the GPT example's step 7% apart."""
     if not model_specs:
         raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
-    runs = collect_runs(model_specs, num_steps=num_steps)
+    runs = collect_runs(model_specs, num_steps=num_steps, num_launches=num_launches)
     samples = [sample for run in runs for sample in action_samples(run.label, run.captured, run.plan.stages, run.steps)]
     compute = fit_compute(samples)
     runtime = fit_runtime([step for run in runs for step in run.steps],
@@ -166,6 +170,15 @@ def format_samples(calibration: Calibration, base: DeviceSpec) -> str:
         before, after = predict_ms(s, base), predict_ms(s, calibration.device)
         lines.append(f"{s.label:34s} {s.measured_ms:9.3f} {before:12.3f} {100 * (before / s.measured_ms - 1):+5.0f}% "
                      f"{after:12.3f} {100 * (after / s.measured_ms - 1):+5.0f}%")
+    return "\n".join(lines)
+
+
+def format_steps(calibration: Calibration) -> str:
+    """Per measured configuration (1F1B at each micro-batch count, steps without the timeline): the
+    step simulated on the fitted spec beside the median measured step."""
+    lines = [f"{'step':34s} {'measured':>9s} {calibration.device.name:>12s} {'err':>6s}"]
+    for s in calibration.step.steps:
+        lines.append(f"{s.label:34s} {s.measured_ms:9.3f} {s.predicted_ms:12.3f} {100 * s.error:+5.0f}%")
     return "\n".join(lines)
 
 

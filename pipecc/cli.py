@@ -246,14 +246,17 @@ def make_parser() -> argparse.ArgumentParser:
                                description="Time the stages of each MODEL on this machine (one intra-op thread, as "
                                            "each gloo rank runs) and the link between two local gloo ranks, fit "
                                            "peak FLOP/s, memory bandwidth, per-op overhead, link latency and "
-                                           "bandwidth, print predicted against measured per stage run, and write "
-                                           "the fitted spec to -o, for --device / device=.")
+                                           "bandwidth, print predicted against measured per stage run and per "
+                                           "step, and write the fitted spec to -o, for --device / device=.")
     calibrate.add_argument("models", nargs="+", metavar="MODEL", help="one or more model factories to time")
     calibrate.add_argument("-o", "--output", metavar="DEVICE.json", required=True, help="where to write the spec")
     calibrate.add_argument("--base", default="cpu", help="spec whose memory capacity (and link, with --no-link) "
                                                          "is kept: cpu, a100, h100 or a JSON (default cpu)")
     calibrate.add_argument("--name", default="calibrated", help="name of the fitted spec (default calibrated)")
     calibrate.add_argument("--no-link", action="store_true", help="keep the base spec's link; skip the ping-pong")
+    calibrate.add_argument("--launches", type=int, default=4,
+                           help="launches of fresh rank processes each configuration is measured in (default 4; "
+                                "one launch's steps run 5-15%% apart from the next's)")
     calibrate.add_argument("--compare", action="store_true",
                            help="then run each MODEL on 2 local gloo ranks and print predicted against measured "
                                 "step time, with the base spec and with the fitted one")
@@ -268,10 +271,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pipecc.costs import resolve_device
 
     torch.set_num_threads(1)  # as each gloo rank of `pipecc run` computes
+    if args.launches < 1:
+        raise ConfigError(f"--launches {args.launches}: it must be at least 1 (4 by default).")
     base = resolve_device(args.base)
-    result = calibration.calibrate(args.models, base=base, name=args.name, measure_links=not args.no_link)
+    result = calibration.calibrate(args.models, base=base, name=args.name, measure_links=not args.no_link,
+                                   num_launches=args.launches)
     path = calibration.write_device(result.device, args.output)
     print(calibration.format_samples(result, base))
+    print()
+    print(calibration.format_steps(result))
     print(f"\n{result.summary()}\nwrote {path}: use it with --device {path}")
     if args.compare:
         variants = {base.name: calibration.Variant(args.schedule, args.base, num_microbatches=args.microbatches),

@@ -185,9 +185,11 @@ def test_cli_calibrate_writes_a_device_json_that_report_reads(tmp_path: Path, ca
     from pipecc.cli import main
 
     out = tmp_path / "this-machine.json"
-    assert main(["calibrate", "examples/mlp.py:build", "-o", str(out), "--name", "this-machine", "--no-link"]) == 0
+    assert main(["calibrate", "examples/mlp.py:build", "-o", str(out), "--name", "this-machine", "--no-link",
+                 "--launches", "2"]) == 0
     printed = capsys.readouterr().out
     assert "mlp stage 0 F (mb 2)" in printed and "mlp stage 1 BW (mb 4)" in printed  # per stage run
+    assert "mlp 1f1b x2" in printed and "mlp 1f1b x4" in printed  # per whole step, 2 and 4 micro-batches
     assert f"wrote {out}: use it with --device {out}" in printed
     fitted = resolve_device(str(out))
     assert fitted.name == "this-machine" and fitted.link_latency_ms == CPU.link_latency_ms  # --no-link keeps it
@@ -219,6 +221,8 @@ def test_step_fit_recovers_the_latency_behind_whole_steps() -> None:
     fit = fit_step(samples, min_latency_ms=0.05)
     assert fit.link_latency_ms == pytest.approx(0.3, abs=0.002) and fit.mean_relative_error < 1e-3
     assert fit.step_overhead_ms == pytest.approx(0.4, abs=0.01)
+    assert [s.measured_ms for s in fit.steps] == [s.measured_ms for s in samples]  # one row per configuration
+    assert all(abs(s.error) < 1e-3 for s in fit.steps)
     assert fit_step(samples, min_latency_ms=0.5).link_latency_ms == pytest.approx(0.5)
     held = fit_step(samples, min_latency_ms=0.3, max_latency_ms=0.3)  # calibrate --no-link: the overhead alone
     assert held.link_latency_ms == pytest.approx(0.3) and held.step_overhead_ms == pytest.approx(0.4, abs=1e-9)
@@ -232,8 +236,10 @@ def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
     is the step fit's, and the summary names both latencies."""
     from pipecc.calibration import calibrate
 
-    result = calibrate(["examples/mlp.py:build"], num_steps=2)
+    result = calibrate(["examples/mlp.py:build"], num_steps=2, num_launches=2)
     assert result.step is not None and result.step.mean_relative_error < 1.0
+    errors = [abs(s.error) for s in result.step.steps]  # 1F1B at 2 and 4 micro-batches
+    assert len(errors) == 2 and result.step.mean_relative_error == pytest.approx(sum(errors) / 2)
     assert result.device.link_latency_ms == result.step.link_latency_ms >= fit_link(result.link_samples)[0]
     assert result.device.step_overhead_ms == result.step.step_overhead_ms >= 0.0
     assert "ping-pong" in result.summary() and "mean error over the measured steps" in result.summary()
