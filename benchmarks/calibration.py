@@ -4,7 +4,7 @@
     python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5 --launches 1
 
 1. Fits a device spec to this machine (`pipecc.calibration.calibrate`: the recorded actions
-   and steps of 1F1B runs of the examples (--fit-models) on 2 gloo ranks, gloo ping-pong) and
+   and steps of 1F1B (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, gloo ping-pong) and
    writes it as JSON. Other schedules, and models left out of --fit-models, are out of sample.
 2. Profile consistency: per stage, the sum of the profiled node times (cost_model="profile")
    against one whole-stage run (forward + backward), as a ratio.
@@ -80,13 +80,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--fit-models", nargs="+", default=None, choices=MODELS,
-                        help="models whose 1F1B steps the spec is fitted to (default: --models); others are "
+                        help="models whose steps the spec is fitted to (default: --models); others are "
                              "then predicted out of sample")
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1"])
     parser.add_argument("--steps", type=int, default=10, help="measured steps per plan and launch")
     parser.add_argument("--launches", type=int, default=3,
                         help="launches of fresh rank processes per model; a plan's measured step is the median of "
                              "their medians (one launch's median moves about 10%% from the next's)")
+    parser.add_argument("--fit-schedules", nargs="+", default=["1f1b"],
+                        help="schedules whose steps the spec is fitted to (default 1f1b: the others out of sample)")
     parser.add_argument("--fit-launches", type=int, default=4,
                         help="launches of fresh rank processes per model that the spec is fitted to")
     parser.add_argument("--microbatches", type=int, default=4)
@@ -104,11 +106,12 @@ def main() -> int:
 
     start = time.perf_counter()
     probe_at_calibration = machine_probe_ms()
-    calibration = calibrate([spec_of(m) for m in args.fit_models or args.models], num_launches=args.fit_launches)
+    calibration = calibrate([spec_of(m) for m in args.fit_models or args.models], num_launches=args.fit_launches,
+                            schedules=args.fit_schedules)
     write_device(calibration.device, device_path)
     print(f"calibration took {time.perf_counter() - start:.1f} s; {calibration.summary()}")
     print(f"device JSON: {device_path}")
-    print("the steps it was fitted to (1F1B, without the timeline):\n" + format_steps(calibration))
+    print("the steps it was fitted to (without the timeline):\n" + format_steps(calibration))
     print("link ping-pong (one way): " + ", ".join(f"{s.num_bytes} B {s.one_way_ms * 1e3:.0f} us"
                                                    for s in calibration.link_samples))
 

@@ -103,21 +103,24 @@ class MeasuredRun:
 
 
 def collect_runs(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4), num_steps: int = 5,
-                 num_ranks: int = 2, num_launches: int = 2) -> list[MeasuredRun]:
-    """Measured 1F1B steps of every model on `num_ranks` gloo ranks at each micro-batch count, with
-    the runtime's timeline recorded and without, pooled over `num_launches` launches of fresh rank
-    processes (each launch's steps differ from the next's by about 10%)."""
+                 num_ranks: int = 2, num_launches: int = 2,
+                 schedules: Sequence[str] = (CALIBRATION_SCHEDULE,)) -> list[MeasuredRun]:
+    """Measured steps of every model under each schedule on `num_ranks` gloo ranks at each
+    micro-batch count, with the runtime's timeline recorded and without, pooled over `num_launches`
+    launches of fresh rank processes (each launch's steps differ from the next's by about 10%)."""
     runs: list[MeasuredRun] = []
+    configurations = [(schedule, m) for schedule in schedules for m in microbatch_counts]
     for spec in model_specs:
         model, inputs, loss_fn, target = _build(spec)  # a bad MODEL fails here, before any rank starts
-        variants = tuple(Variant(CALIBRATION_SCHEDULE, "cpu", num_microbatches=m, record_timeline=recorded)
-                         for recorded in (True, False) for m in microbatch_counts)
+        variants = tuple(Variant(schedule, "cpu", num_microbatches=m, record_timeline=recorded)
+                         for recorded in (True, False) for schedule, m in configurations)
+        # and a bad schedule here: compiled once in this process, then on every rank
+        plans = [compile_variant(spec, variant, num_ranks)[0] for variant in variants[:len(configurations)]]
         launches = measure_launches(spec, variants, num_steps, num_ranks, num_launches)
         measured = [[step for launch in launches for step in launch[k]] for k in range(len(variants))]
-        recorded, plain = measured[:len(microbatch_counts)], measured[len(microbatch_counts):]
-        for variant, steps, plain_steps in zip(variants, recorded, plain):
-            plan = compile_variant(spec, variant, num_ranks)[0]
-            captured = capture(model, inputs, loss_fn, target, num_microbatches=variant.num_microbatches)
+        recorded, plain = measured[:len(configurations)], measured[len(configurations):]
+        for plan, steps, plain_steps in zip(plans, recorded, plain):
+            captured = capture(model, inputs, loss_fn, target, num_microbatches=plan.schedule.num_microbatches)
             runs.append(MeasuredRun(_label(spec), plan, captured, tuple(steps), tuple(plain_steps)))
     return runs
 
@@ -138,19 +141,24 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 
 
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
-              measure_links: bool = True, num_steps: int = 10, num_launches: int = 4) -> Calibration:
+              measure_links: bool = True, num_steps: int = 10, num_launches: int = 4,
+              schedules: Sequence[str] = (CALIBRATION_SCHEDULE,)) -> Calibration:
     """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
     ranks of this machine: compute rates and overheads to the actions, message overheads to the
     timeline, the link to gloo ping-pongs, and then the step overhead and the link latency to the
     whole steps (`fit_step`; with measure_links=False the base spec's link is kept as it is).
+    The steps are those of each of `schedules` (1F1B alone by default; the others are then
+    predicted out of sample) at 2 and 4 micro-batches.
 
     Each configuration is measured in `num_launches` launches of fresh rank processes: one launch's
     median step moves 5-15% from the next's on a 2-core VM, and with 2 launches two calibrations
     minutes apart predicted the GPT example's step 7% apart."""
     if not model_specs:
         raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
-    runs = collect_runs(model_specs, num_steps=num_steps, num_launches=num_launches)
-    samples = [sample for run in runs for sample in action_samples(run.label, run.captured, run.plan.stages, run.steps)]
+    runs = collect_runs(model_specs, num_steps=num_steps, num_launches=num_launches, schedules=schedules)
+    samples = [sample for run in runs
+               for sample in action_samples(f"{run.label} {run.plan.schedule.name}", run.captured, run.plan.stages,
+                                            run.steps)]
     compute = fit_compute(samples)
     runtime = fit_runtime([step for run in runs for step in run.steps],
                           [send for run in runs for send in send_samples(run.plan.stages, run.steps)])
@@ -174,7 +182,7 @@ def format_samples(calibration: Calibration, base: DeviceSpec) -> str:
 
 
 def format_steps(calibration: Calibration) -> str:
-    """Per measured configuration (1F1B at each micro-batch count, steps without the timeline): the
+    """Per measured configuration (schedule and micro-batch count, steps without the timeline): the
     step simulated on the fitted spec beside the median measured step."""
     lines = [f"{'step':34s} {'measured':>9s} {calibration.device.name:>12s} {'err':>6s}"]
     for s in calibration.step.steps:

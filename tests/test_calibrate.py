@@ -188,7 +188,7 @@ def test_cli_calibrate_writes_a_device_json_that_report_reads(tmp_path: Path, ca
     assert main(["calibrate", "examples/mlp.py:build", "-o", str(out), "--name", "this-machine", "--no-link",
                  "--launches", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "mlp stage 0 F (mb 2)" in printed and "mlp stage 1 BW (mb 4)" in printed  # per stage run
+    assert "mlp 1f1b stage 0 F (mb 2)" in printed and "mlp 1f1b stage 1 BW (mb 4)" in printed  # per stage run
     assert "mlp 1f1b x2" in printed and "mlp 1f1b x4" in printed  # per whole step, 2 and 4 micro-batches
     assert f"wrote {out}: use it with --device {out}" in printed
     fitted = resolve_device(str(out))
@@ -232,17 +232,26 @@ def test_step_fit_recovers_the_latency_behind_whole_steps() -> None:
 
 @pytest.mark.dist
 def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
-    """End to end on 2 gloo ranks: the fitted latency is at least the ping-pong's, the step overhead
-    is the step fit's, and the summary names both latencies."""
+    """End to end on 2 gloo ranks, fitted to 1F1B and ZB-H1 steps: the fitted latency is at least
+    the ping-pong's, the step overhead is the step fit's, ZB-H1's split B and W actions are among
+    the samples, and the summary names both latencies."""
     from pipecc.calibration import calibrate
 
-    result = calibrate(["examples/mlp.py:build"], num_steps=2, num_launches=2)
-    assert result.step is not None and result.step.mean_relative_error < 1.0
-    errors = [abs(s.error) for s in result.step.steps]  # 1F1B at 2 and 4 micro-batches
-    assert len(errors) == 2 and result.step.mean_relative_error == pytest.approx(sum(errors) / 2)
+    result = calibrate(["examples/mlp.py:build"], num_steps=2, num_launches=1, schedules=("1f1b", "zb-h1"))
+    assert [s.label for s in result.step.steps] == ["mlp 1f1b x2", "mlp 1f1b x4", "mlp zb-h1 x2", "mlp zb-h1 x4"]
+    errors = [abs(s.error) for s in result.step.steps]
+    assert result.step.mean_relative_error == pytest.approx(sum(errors) / len(errors)) and max(errors) < 1.0
+    assert "mlp zb-h1 stage 1 W (mb 2)" in [s.label for s in result.samples]
     assert result.device.link_latency_ms == result.step.link_latency_ms >= fit_link(result.link_samples)[0]
     assert result.device.step_overhead_ms == result.step.step_overhead_ms >= 0.0
     assert "ping-pong" in result.summary() and "mean error over the measured steps" in result.summary()
+
+
+def test_calibrate_names_a_bad_schedule_before_any_rank_starts() -> None:
+    from pipecc.calibration import calibrate
+
+    with pytest.raises(ConfigError, match="nope"):
+        calibrate(["examples/mlp.py:build"], schedules=("nope",))
 
 
 def test_sends_are_timed_by_the_bytes_they_carry() -> None:
