@@ -246,9 +246,13 @@ class FittedStep:
 @dataclass(frozen=True)
 class StepFit:
     link_latency_ms: float
-    mean_relative_error: float  # mean |simulated / measured - 1| over the configurations
-    step_overhead_ms: float = 0.0
-    steps: tuple[FittedStep, ...] = ()  # per configuration, in the order of the samples
+    step_overhead_ms: float
+    steps: tuple[FittedStep, ...]  # per configuration, in the order of the samples
+
+    @property
+    def mean_relative_error(self) -> float:
+        """Mean |simulated / measured - 1| over the configurations."""
+        return sum(abs(s.error) for s in self.steps) / len(self.steps)
 
 
 MAX_LINK_LATENCY_MS = 5.0  # the highest latency fit_step searches
@@ -275,21 +279,21 @@ def fit_step(samples: Sequence[StepSample], *, min_latency_ms: float = 0.0,
         raise ConfigError("the step-level fit needs at least one measured configuration.")
     measured = np.array([s.measured_ms for s in samples])
 
-    def simulated_at(latency: float) -> np.ndarray:
-        return np.array([simulate(s.schedule, s.costs(latency)).step_time_ms for s in samples])
-
-    def fit_at(latency: float) -> tuple[float, float, float]:  # (error, latency, step overhead)
-        simulated = simulated_at(latency)
+    def fit_at(latency: float) -> tuple[float, float, float, np.ndarray]:
+        """(error, latency, step overhead, simulated steps without it) at `latency`."""
+        simulated = np.array([simulate(s.schedule, s.costs(latency)).step_time_ms for s in samples])
         overhead = max(0.0, _weighted_median(measured - simulated, 1.0 / measured))
-        return float(np.abs((simulated + overhead) / measured - 1).mean()), latency, overhead
+        return float(np.abs((simulated + overhead) / measured - 1).mean()), latency, overhead, simulated
+
+    def fit_key(fit: tuple[float, float, float, np.ndarray]) -> tuple[float, float, float]:
+        return fit[:3]  # the least error, then the lowest latency
 
     coarse = np.arange(min_latency_ms, max(min_latency_ms, max_latency_ms) + 0.01, 0.02)
-    best = min(fit_at(float(latency)) for latency in coarse)
+    best = min((fit_at(float(latency)) for latency in coarse), key=fit_key)
     fine = np.arange(max(min_latency_ms, best[1] - 0.02), min(max_latency_ms, best[1] + 0.02) + 0.001, 0.002)
-    error, latency, overhead = min([best] + [fit_at(float(latency)) for latency in fine])
-    steps = tuple(FittedStep(s.label, float(t) + overhead, s.measured_ms)
-                  for s, t in zip(samples, simulated_at(latency)))
-    return StepFit(latency, error, overhead, steps)
+    _, latency, overhead, simulated = min([best] + [fit_at(float(latency)) for latency in fine], key=fit_key)
+    steps = tuple(FittedStep(s.label, float(t) + overhead, s.measured_ms) for s, t in zip(samples, simulated))
+    return StepFit(latency, overhead, steps)
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

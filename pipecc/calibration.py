@@ -92,13 +92,18 @@ class MeasuredRun:
                                     lambda stage: held_microbatches(schedule, stage), None)
         return tuple(s.cost for s in stages)
 
+    @property
+    def configuration(self) -> str:
+        """The model and schedule, e.g. "gpt 1f1b": what its action samples and step rows are labelled with."""
+        return f"{self.label} {self.plan.schedule.name}"
+
     def step_sample(self, device: DeviceSpec) -> StepSample:
         """This run for fit_step: its stages on `device` at link latency 0 and 1 ms, and the median of
         its steps measured without recording."""
         costs = annotate_costs(self.captured, device)  # node times do not depend on the link
         at = [self._stage_costs(dataclasses.replace(costs, device=dataclasses.replace(device, link_latency_ms=ms)))
               for ms in (0.0, 1.0)]
-        return StepSample(f"{self.label} {self.plan.schedule.name} x{self.plan.schedule.num_microbatches}",
+        return StepSample(f"{self.configuration} x{self.plan.schedule.num_microbatches}",
                           self.plan.schedule, at[0], at[1], statistics.median(s.wall_ms for s in self.plain_steps))
 
 
@@ -157,8 +162,7 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
         raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
     runs = collect_runs(model_specs, num_steps=num_steps, num_launches=num_launches, schedules=schedules)
     samples = [sample for run in runs
-               for sample in action_samples(f"{run.label} {run.plan.schedule.name}", run.captured, run.plan.stages,
-                                            run.steps)]
+               for sample in action_samples(run.configuration, run.captured, run.plan.stages, run.steps)]
     compute = fit_compute(samples)
     runtime = fit_runtime([step for run in runs for step in run.steps],
                           [send for run in runs for send in send_samples(run.plan.stages, run.steps)])
