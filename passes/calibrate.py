@@ -326,9 +326,18 @@ def predict_ms(sample: StageSample, device: DeviceSpec) -> float:
         + device.action_overhead_ms
 
 
-def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
+PRIOR_WEIGHT = 1e-3  # RMS relative error a rate pays per decade squared away from the prior's
+
+
+def fit_compute(samples: Sequence[StageSample], prior: DeviceSpec | None = None) -> ComputeFit:
     """Peak FLOP/s and bandwidth, the convolutions' FLOP/s and bandwidth, per-op and per-action
-    overhead minimising the RMS relative error of the samples."""
+    overhead minimising the RMS relative error of the samples.
+
+    With a `prior` (the spec being calibrated), each rate also pays PRIOR_WEIGHT per squared decade
+    it moves from the prior's: 0.1% of error for 10x. That is nothing against a rate the samples
+    pin down, but it keeps the prior's value for a rate they barely see: fitted to U-Net alone (its
+    matmul FLOPs a rounding error beside its convolutions), the matmul rate went to 1 MFLOP/s,
+    the grid's floor, and every other model compiled on that spec came out a thousand times slow."""
     if len(samples) < 3:
         raise ConfigError(f"calibration needs at least 3 stage samples, got {len(samples)}.\n"
                           "Give it more models, stages or micro-batch sizes.")
@@ -346,17 +355,27 @@ def fit_compute(samples: Sequence[StageSample]) -> ComputeFit:
         axes = [10 ** np.linspace(c - span, c + span, 15 if has_conv else 41) for c in centre]
         if not has_conv:
             axes[2:] = [np.array([0.0]), np.array([0.0])]
-        best = _best_on_grid(samples, measured, count, *axes)
+        best = _best_on_grid(samples, measured, count, *axes, prior=_prior_rates(prior))
         centre = np.log10([max(r, 1.0) for r in best[:4]])
         span /= 3
     peak, bw, conv, conv_bw, op, action, error = best
     return ComputeFit(float(peak), float(bw), float(op), float(error), float(action), float(conv), float(conv_bw))
 
 
+def _prior_rates(prior: DeviceSpec | None) -> tuple[float, float, float, float] | None:
+    """The prior's (peak, bandwidth, conv rate, conv bandwidth), its conv rates falling back to the general ones."""
+    if prior is None:
+        return None
+    return (prior.peak_flops, prior.memory_bandwidth_bytes_per_s, prior.flops_per_s(conv=True),
+            prior.bytes_per_s(conv=True))
+
+
 def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: np.ndarray, peaks: np.ndarray,
-                  bws: np.ndarray, conv_rates: np.ndarray, conv_bws: np.ndarray) -> tuple[float, ...]:
+                  bws: np.ndarray, conv_rates: np.ndarray, conv_bws: np.ndarray,
+                  prior: tuple[float, float, float, float] | None = None) -> tuple[float, ...]:
     """(peak, bandwidth, conv rate, conv bandwidth, op overhead, action overhead, rms relative
-    error) of the best grid point; conv rates of 0 time convolutions at the general ones."""
+    error) of the best grid point: the least error, plus PRIOR_WEIGHT per squared decade from the
+    `prior` rates when given; conv rates of 0 time convolutions at the general ones."""
     # roofline[s, i, j, k, l]: sample s's summed max(flops / rate, bytes / bandwidth) in ms, where
     # (rate, bandwidth) is (peak_i, bw_j), or (conv_rate_k, conv_bw_l) for a convolution
     shape = (len(peaks), len(bws), len(conv_rates), len(conv_bws))
@@ -373,7 +392,13 @@ def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: n
                 roofline[n] += np.maximum(f / rate, b / band).sum(axis=0) * 1e3
     residual = measured.reshape(-1, 1, 1, 1, 1) - roofline
     op, action, error = _overheads(residual, measured, count)
-    i, j, k, m = np.unravel_index(np.argmin(error), error.shape)
+    penalty = np.zeros(shape)
+    if prior is not None:
+        for axis, (values, centre) in enumerate(zip((peaks, bws, conv_rates, conv_bws), prior)):
+            if values.any():  # a conv axis of [0] is no dimension
+                decades = np.log10(np.maximum(values, 1.0) / centre) ** 2
+                penalty += PRIOR_WEIGHT * decades.reshape([-1 if a == axis else 1 for a in range(4)])
+    i, j, k, m = np.unravel_index(np.argmin(error + penalty), error.shape)
     return peaks[i], bws[j], conv_rates[k], conv_bws[m], op[i, j, k, m], action[i, j, k, m], error[i, j, k, m]
 
 
