@@ -69,6 +69,7 @@ def _build(model_spec: str) -> tuple:
 
 
 CALIBRATION_SCHEDULE = "1f1b"  # what the samples are measured on; other schedules are then predicted
+CALIBRATION_STEPS = 10  # measured steps per configuration and launch
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 
 
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
-              measure_links: bool = True, num_steps: int = 10, num_launches: int = 4,
+              measure_links: bool = True, num_steps: int = CALIBRATION_STEPS, num_launches: int = 4,
               schedules: Sequence[str] = (CALIBRATION_SCHEDULE,)) -> Calibration:
     """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
     ranks of this machine: compute rates and overheads to the actions, message overheads to the
@@ -161,16 +162,24 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
     if not model_specs:
         raise ConfigError("calibrate needs at least one MODEL.\nFor example: pipecc calibrate examples/gpt.py:build")
     runs = collect_runs(model_specs, num_steps=num_steps, num_launches=num_launches, schedules=schedules)
+    return fit_calibration(runs, measure_link() if measure_links else [], base=base, name=name)
+
+
+def fit_calibration(runs: Sequence[MeasuredRun], links: Sequence[LinkSample], *, base: DeviceSpec | str = "cpu",
+                    name: str = "calibrated") -> Calibration:
+    """The device spec fitted to measured `runs` (`collect_runs`) and link ping-pongs (`measure_link`;
+    none: the base spec's link is kept): what `calibrate` does once it has measured. Fitting the runs
+    of one model alone gives a spec for that model (its unseen rates stay the base's), one of
+    several models a compromise between them."""
     samples = [sample for run in runs
                for sample in action_samples(run.configuration, run.captured, run.plan.stages, run.steps)]
-    compute = fit_compute(samples)
+    compute = fit_compute(samples, prior=resolve_device(base))
     runtime = fit_runtime([step for run in runs for step in run.steps],
                           [send for run in runs for send in send_samples(run.plan.stages, run.steps)])
-    links = measure_link() if measure_links else []
     device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None, runtime)
     # the step overhead, and the latency that makes whole simulated steps match the measured ones
     step = fit_step([run.step_sample(device) for run in runs], min_latency_ms=device.link_latency_ms,
-                    max_latency_ms=MAX_LINK_LATENCY_MS if measure_links else device.link_latency_ms)
+                    max_latency_ms=MAX_LINK_LATENCY_MS if links else device.link_latency_ms)
     device = dataclasses.replace(device, link_latency_ms=step.link_latency_ms, step_overhead_ms=step.step_overhead_ms)
     return Calibration(device, compute, runtime, tuple(samples), tuple(links), step)
 

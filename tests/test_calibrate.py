@@ -72,6 +72,28 @@ def test_fit_recovers_a_convolution_roofline_of_its_own() -> None:
     assert fit_compute([dataclasses.replace(s, conv=()) for s in samples]).rms_relative_error > 0.05
 
 
+def test_a_rate_the_samples_do_not_see_keeps_the_prior_value() -> None:
+    # U-Net-like: every op that does FLOPs is a convolution, so nothing pins the matmul rate
+    truth = dataclasses.replace(CPU, peak_flops=30e9, conv_flops=12e9, memory_bandwidth_bytes_per_s=2e9,
+                                conv_bandwidth_bytes_per_s=0.5e9, op_overhead_ms=0.02, action_overhead_ms=0.1)
+    conv_only = []
+    for s in _synthetic_samples(truth, conv=True):
+        flops = tuple(f if c else 0 for f, c in zip(s.flops, s.conv))
+        sample = dataclasses.replace(s, flops=flops)
+        conv_only.append(dataclasses.replace(sample, measured_ms=predict_ms(sample, truth)))
+    unseen = fit_compute(conv_only).peak_flops
+    assert not 0.1 < unseen / CPU.peak_flops < 10  # without a prior, the unseen rate lands anywhere
+    fit = fit_compute(conv_only, prior=CPU)
+    assert fit.peak_flops == pytest.approx(CPU.peak_flops, rel=0.05)
+    assert fit.conv_flops == pytest.approx(truth.conv_flops, rel=0.03)  # what the samples do see is still fitted
+    assert fit.rms_relative_error < 0.02
+    # and a prior 10x off every rate does not pull a well-measured fit
+    far = dataclasses.replace(CPU, peak_flops=300e9, memory_bandwidth_bytes_per_s=0.2e9)
+    seen = fit_compute(_synthetic_samples(truth, conv=True), prior=far)
+    assert seen.peak_flops == pytest.approx(truth.peak_flops, rel=0.03)
+    assert seen.memory_bandwidth_bytes_per_s == pytest.approx(truth.memory_bandwidth_bytes_per_s, rel=0.03)
+
+
 def test_too_few_samples_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"at least 3 stage samples, got 1\.\nGive it more"):
         fit_compute([StageSample("x", (1,), (1,), 1.0)])
@@ -234,10 +256,12 @@ def test_step_fit_recovers_the_latency_behind_whole_steps() -> None:
 def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
     """End to end on 2 gloo ranks, fitted to 1F1B and ZB-H1 steps: the fitted latency is at least
     the ping-pong's, the step overhead is the step fit's, ZB-H1's split B and W actions are among
-    the samples, and the summary names both latencies."""
-    from pipecc.calibration import calibrate
+    the samples, and the summary names both latencies. Refitted to a subset of the same runs
+    without ping-pongs (what the benchmark does per model), the base spec's link stays."""
+    from pipecc.calibration import collect_runs, fit_calibration, measure_link
 
-    result = calibrate(["examples/mlp.py:build"], num_steps=2, num_launches=1, schedules=("1f1b", "zb-h1"))
+    runs = collect_runs(["examples/mlp.py:build"], num_steps=2, num_launches=1, schedules=("1f1b", "zb-h1"))
+    result = fit_calibration(runs, measure_link())
     assert [s.label for s in result.step.steps] == ["mlp 1f1b x2", "mlp 1f1b x4", "mlp zb-h1 x2", "mlp zb-h1 x4"]
     errors = [abs(s.error) for s in result.step.steps]
     assert result.step.mean_relative_error == pytest.approx(sum(errors) / len(errors)) and max(errors) < 1.0
@@ -245,6 +269,11 @@ def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
     assert result.device.link_latency_ms == result.step.link_latency_ms >= fit_link(result.link_samples)[0]
     assert result.device.step_overhead_ms == result.step.step_overhead_ms >= 0.0
     assert "ping-pong" in result.summary() and "mean error over the measured steps" in result.summary()
+    one_f_one_b = fit_calibration([r for r in runs if r.plan.schedule.name == "1f1b"], [], base=CPU, name="1f1b")
+    assert [s.label for s in one_f_one_b.step.steps] == ["mlp 1f1b x2", "mlp 1f1b x4"]
+    assert not any("zb-h1" in s.label for s in one_f_one_b.samples)
+    assert one_f_one_b.device.link_latency_ms == CPU.link_latency_ms and one_f_one_b.device.name == "1f1b"
+    assert one_f_one_b.device.link_bandwidth_bytes_per_s == CPU.link_bandwidth_bytes_per_s
 
 
 def test_calibrate_names_a_bad_schedule_before_any_rank_starts() -> None:
