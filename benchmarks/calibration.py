@@ -3,15 +3,19 @@
     python benchmarks/calibration.py                      # all examples, gpipe, 1f1b and zb-h1
     python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5 --launches 1
 
-1. Fits a device spec to this machine (`pipecc.calibration.calibrate`: the recorded actions
-   and steps of 1F1B (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, gloo ping-pong) and
-   writes it as JSON. Other schedules, and models left out of --fit-models, are out of sample.
+1. Fits a device spec to this machine (what `pipecc calibrate` does: the recorded actions and
+   steps of 1F1B (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, and gloo
+   ping-pongs) and writes it as JSON: one spec to all the models together, and from the same
+   measurements one spec to each model alone (what `pipecc calibrate MODEL` gives a user who
+   trains that model). Other schedules, and models left out of --fit-models, are out of sample.
 2. Profile consistency: per stage, the sum of the profiled node times (cost_model="profile")
    against one whole-stage run (forward + backward), as a ratio.
-3. For every model and schedule, compiles three plans (the `cpu` preset, the fitted spec, and
-   profiled costs with the fitted link) and measures their steps on 2 local gloo ranks, one
-   intra-op thread each, in --launches launches of fresh processes (each plan's steps back to
-   back, in 2 blocks); prints predicted, measured (median of the launches' medians) and the error.
+3. For every model and schedule, compiles four plans (the `cpu` preset, the spec fitted to all
+   models, the spec fitted to this model alone, and profiled costs with the first fitted spec's
+   link) and measures their steps on 2 local gloo ranks, one intra-op thread each, in --launches
+   launches of fresh processes (each plan's steps back to back, in 2 blocks); prints predicted,
+   measured (median of the launches' medians) and the error, and per cost model the mean error
+   and how many steps it predicted within 10%.
 
 Timings on a shared machine are noisy: rerun and compare before trusting a digit.
 """
@@ -33,8 +37,9 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 import pipecc  # noqa: E402
-from pipecc.calibration import (STEP_HEADER, Variant, calibrate, compare_steps, format_step_row,  # noqa: E402
-                                format_steps, write_device)
+from pipecc.calibration import (CALIBRATION_STEPS, STEP_HEADER, Variant, collect_runs,  # noqa: E402
+                                compare_steps, fit_calibration, format_step_row, format_steps,
+                                measure_link, write_device)
 from pipecc.passes.profile import measure_stage_times  # noqa: E402
 
 MODELS = ("gpt", "bert", "mlp", "resnet", "unet")
@@ -106,40 +111,53 @@ def main() -> int:
 
     start = time.perf_counter()
     probe_at_calibration = machine_probe_ms()
-    calibration = calibrate([spec_of(m) for m in args.fit_models or args.models], num_launches=args.fit_launches,
-                            schedules=args.fit_schedules)
+    fit_models = args.fit_models or args.models
+    runs = collect_runs([spec_of(m) for m in fit_models], num_launches=args.fit_launches,
+                        num_steps=CALIBRATION_STEPS, schedules=args.fit_schedules)
+    links = measure_link()
+    calibration = fit_calibration(runs, links)
     write_device(calibration.device, device_path)
     print(f"calibration took {time.perf_counter() - start:.1f} s; {calibration.summary()}")
     print(f"device JSON: {device_path}")
     print("the steps it was fitted to (without the timeline):\n" + format_steps(calibration))
     print("link ping-pong (one way): " + ", ".join(f"{s.num_bytes} B {s.one_way_ms * 1e3:.0f} us"
                                                    for s in calibration.link_samples))
+    # the same measurements, one model at a time: the spec a user gets from `pipecc calibrate MODEL`
+    own_paths = {}
+    for name in fit_models:
+        own = fit_calibration([r for r in runs if r.label == name], links, name=f"calibrated on {name}")
+        own_paths[name] = str(write_device(own.device, os.path.join(work, f"device-{name}.json")))
+        print(f"fitted to {name} alone: {own.summary()}")
 
     profile_consistency(args.models, cache_dir)
 
     variants = {"cpu preset": ("cpu", "analytic"), "calibrated": (device_path, "analytic"),
-                "profiled": (device_path, "profile")}
+                "own model": (None, "analytic"), "profiled": (device_path, "profile")}
     print(f"\npredicted / measured per step, 2 gloo ranks x 1 thread, {args.microbatches} micro-batches, median over "
           f"{args.launches} launches of the median of {args.steps} steps (error = predicted / measured - 1). 'step': wall-clock step time of the slowest rank; "
           "'busy': CPU time of the busiest rank in the step (what other jobs on a shared machine cannot stretch)")
     print(STEP_HEADER)
     errors: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for name in args.models:
-        plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
+        # "own model": the spec fitted to this model's runs alone (none when it was left out of --fit-models)
+        devices = {k: own_paths.get(name) if k == "own model" else d for k, (d, _) in variants.items()}
+        keys = [k for k in variants if devices[k] is not None]
+        plans = [Variant(schedule=s, device=devices[k], cost_model=variants[k][1],
+                         profile_cache_dir=cache_dir if variants[k][1] == "profile" else None,
                          num_microbatches=args.microbatches)
-                 for s in args.schedules for d, c in variants.values()]
+                 for s in args.schedules for k in keys]
         drift = machine_probe_ms() / probe_at_calibration - 1
         results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
         print(f"{name}: a fixed matmul + add probe runs {100 * drift:+.0f}% slower than at calibration "
               "(the machine's own drift, which no fitted spec can follow)", flush=True)
         for i, schedule in enumerate(args.schedules):
-            row = results[i * len(variants):(i + 1) * len(variants)]  # each variant may cut the model differently
-            for key, r in zip(variants, row):
+            row = results[i * len(keys):(i + 1) * len(keys)]  # each variant may cut the model differently
+            for key, r in zip(keys, row):
                 print(format_step_row(name, key, r), flush=True)
                 errors[key].append((abs(r.error), abs(r.busy_error)))
-    print("\nmean |error| per cost model (step; busy): " + ", ".join(
-        f"{k} {100 * statistics.mean(e for e, _ in v):.1f}%; {100 * statistics.mean(b for _, b in v):.1f}%"
-        for k, v in errors.items()))
+    print("\nmean |error| per cost model (step; busy), and steps predicted within 10%: " + ", ".join(
+        f"{k} {100 * statistics.mean(e for e, _ in v):.1f}%; {100 * statistics.mean(b for _, b in v):.1f}%, "
+        f"{sum(e <= 0.10 for e, _ in v)} of {len(v)}" for k, v in errors.items() if v))
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 
