@@ -23,6 +23,7 @@ Timings on a shared machine are noisy: rerun and compare before trusting a digit
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -37,7 +38,7 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 import pipecc  # noqa: E402
-from pipecc.calibration import (CALIBRATION_STEPS, STEP_HEADER, Variant, collect_runs,  # noqa: E402
+from pipecc.calibration import (CALIBRATION_LAUNCHES, STEP_HEADER, Variant, collect_runs,  # noqa: E402
                                 compare_steps, fit_calibration, format_step_row, format_steps,
                                 measure_link, write_device)
 from pipecc.passes.profile import measure_stage_times  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> int:
                              "their medians (one launch's median moves about 10%% from the next's)")
     parser.add_argument("--fit-schedules", nargs="+", default=["1f1b"],
                         help="schedules whose steps the spec is fitted to (default 1f1b: the others out of sample)")
-    parser.add_argument("--fit-launches", type=int, default=4,
+    parser.add_argument("--fit-launches", type=int, default=CALIBRATION_LAUNCHES,
                         help="launches of fresh rank processes per model that the spec is fitted to")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--device-out", default=None, help="where to write the fitted device JSON")
@@ -112,8 +113,7 @@ def main() -> int:
     start = time.perf_counter()
     probe_at_calibration = machine_probe_ms()
     fit_models = args.fit_models or args.models
-    runs = collect_runs([spec_of(m) for m in fit_models], num_launches=args.fit_launches,
-                        num_steps=CALIBRATION_STEPS, schedules=args.fit_schedules)
+    runs = collect_runs([spec_of(m) for m in fit_models], num_launches=args.fit_launches, schedules=args.fit_schedules)
     links = measure_link()
     calibration = fit_calibration(runs, links)
     write_device(calibration.device, device_path)
@@ -131,33 +131,32 @@ def main() -> int:
 
     profile_consistency(args.models, cache_dir)
 
-    variants = {"cpu preset": ("cpu", "analytic"), "calibrated": (device_path, "analytic"),
-                "own model": (None, "analytic"), "profiled": (device_path, "profile")}
     print(f"\npredicted / measured per step, 2 gloo ranks x 1 thread, {args.microbatches} micro-batches, median over "
           f"{args.launches} launches of the median of {args.steps} steps (error = predicted / measured - 1). 'step': wall-clock step time of the slowest rank; "
           "'busy': CPU time of the busiest rank in the step (what other jobs on a shared machine cannot stretch)")
     print(STEP_HEADER)
-    errors: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    errors: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for name in args.models:
-        # "own model": the spec fitted to this model's runs alone (none when it was left out of --fit-models)
-        devices = {k: own_paths.get(name) if k == "own model" else d for k, (d, _) in variants.items()}
-        keys = [k for k in variants if devices[k] is not None]
-        plans = [Variant(schedule=s, device=devices[k], cost_model=variants[k][1],
-                         profile_cache_dir=cache_dir if variants[k][1] == "profile" else None,
+        # (device, cost model) per variant; "own model", the spec fitted to this model's runs alone, only
+        # when it was among --fit-models
+        variants = {"cpu preset": ("cpu", "analytic"), "calibrated": (device_path, "analytic"),
+                    "own model": (own_paths.get(name), "analytic"), "profiled": (device_path, "profile")}
+        variants = {k: v for k, v in variants.items() if v[0] is not None}
+        plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
                          num_microbatches=args.microbatches)
-                 for s in args.schedules for k in keys]
+                 for s in args.schedules for d, c in variants.values()]
         drift = machine_probe_ms() / probe_at_calibration - 1
         results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
         print(f"{name}: a fixed matmul + add probe runs {100 * drift:+.0f}% slower than at calibration "
               "(the machine's own drift, which no fitted spec can follow)", flush=True)
         for i, schedule in enumerate(args.schedules):
-            row = results[i * len(keys):(i + 1) * len(keys)]  # each variant may cut the model differently
-            for key, r in zip(keys, row):
+            row = results[i * len(variants):(i + 1) * len(variants)]  # each variant may cut the model differently
+            for key, r in zip(variants, row):
                 print(format_step_row(name, key, r), flush=True)
                 errors[key].append((abs(r.error), abs(r.busy_error)))
     print("\nmean |error| per cost model (step; busy), and steps predicted within 10%: " + ", ".join(
         f"{k} {100 * statistics.mean(e for e, _ in v):.1f}%; {100 * statistics.mean(b for _, b in v):.1f}%, "
-        f"{sum(e <= 0.10 for e, _ in v)} of {len(v)}" for k, v in errors.items() if v))
+        f"{sum(e <= 0.10 for e, _ in v)} of {len(v)}" for k, v in errors.items()))
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 

@@ -351,11 +351,12 @@ def fit_compute(samples: Sequence[StageSample], prior: DeviceSpec | None = None)
     # convolutions their two rates are not dimensions (0: the general ones)
     centre = np.full(4, 9.5)
     span = 3.5
+    prior_rates = _prior_rates(prior)
     for _ in range(7):
         axes = [10 ** np.linspace(c - span, c + span, 15 if has_conv else 41) for c in centre]
         if not has_conv:
             axes[2:] = [np.array([0.0]), np.array([0.0])]
-        best = _best_on_grid(samples, measured, count, *axes, prior=_prior_rates(prior))
+        best = _best_on_grid(samples, measured, count, *axes, prior=prior_rates)
         centre = np.log10([max(r, 1.0) for r in best[:4]])
         span /= 3
     peak, bw, conv, conv_bw, op, action, error = best

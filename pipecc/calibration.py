@@ -70,6 +70,7 @@ def _build(model_spec: str) -> tuple:
 
 CALIBRATION_SCHEDULE = "1f1b"  # what the samples are measured on; other schedules are then predicted
 CALIBRATION_STEPS = 10  # measured steps per configuration and launch
+CALIBRATION_LAUNCHES = 4  # launches of fresh rank processes per configuration: one's steps run 5-15% from the next's
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,8 @@ class MeasuredRun:
                           self.plan.schedule, at[0], at[1], statistics.median(s.wall_ms for s in self.plain_steps))
 
 
-def collect_runs(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4), num_steps: int = 5,
-                 num_ranks: int = 2, num_launches: int = 2,
+def collect_runs(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4),
+                 num_steps: int = CALIBRATION_STEPS, num_ranks: int = 2, num_launches: int = CALIBRATION_LAUNCHES,
                  schedules: Sequence[str] = (CALIBRATION_SCHEDULE,)) -> list[MeasuredRun]:
     """Measured steps of every model under each schedule on `num_ranks` gloo ranks at each
     micro-batch count, with the runtime's timeline recorded and without, pooled over `num_launches`
@@ -147,7 +148,7 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 
 
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
-              measure_links: bool = True, num_steps: int = CALIBRATION_STEPS, num_launches: int = 4,
+              measure_links: bool = True, num_steps: int = CALIBRATION_STEPS, num_launches: int = CALIBRATION_LAUNCHES,
               schedules: Sequence[str] = (CALIBRATION_SCHEDULE,)) -> Calibration:
     """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
     ranks of this machine: compute rates and overheads to the actions, message overheads to the
@@ -173,10 +174,11 @@ def fit_calibration(runs: Sequence[MeasuredRun], links: Sequence[LinkSample], *,
     several models a compromise between them."""
     samples = [sample for run in runs
                for sample in action_samples(run.configuration, run.captured, run.plan.stages, run.steps)]
-    compute = fit_compute(samples, prior=resolve_device(base))
+    base = resolve_device(base)
+    compute = fit_compute(samples, prior=base)
     runtime = fit_runtime([step for run in runs for step in run.steps],
                           [send for run in runs for send in send_samples(run.plan.stages, run.steps)])
-    device = calibrated_device(resolve_device(base), name, compute, fit_link(links) if links else None, runtime)
+    device = calibrated_device(base, name, compute, fit_link(links) if links else None, runtime)
     # the step overhead, and the latency that makes whole simulated steps match the measured ones
     step = fit_step([run.step_sample(device) for run in runs], min_latency_ms=device.link_latency_ms,
                     max_latency_ms=MAX_LINK_LATENCY_MS if links else device.link_latency_ms)
