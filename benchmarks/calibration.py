@@ -4,7 +4,7 @@
     python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5 --launches 1
 
 1. Fits a device spec to this machine (what `pipecc calibrate` does: the recorded actions and
-   steps of 1F1B (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, and gloo
+   steps of 1F1B and ZB-H1 (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, and gloo
    ping-pongs) and writes it as JSON: one spec to all the models together, and from the same
    measurements one spec to each model alone (what `pipecc calibrate MODEL` gives a user who
    trains that model). Other schedules, and models left out of --fit-models, are out of sample.
@@ -38,8 +38,8 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 import pipecc  # noqa: E402
-from pipecc.calibration import (CALIBRATION_LAUNCHES, STEP_HEADER, Variant, collect_runs,  # noqa: E402
-                                compare_steps, fit_calibration, format_step_row, format_steps,
+from pipecc.calibration import (CALIBRATION_LAUNCHES, CALIBRATION_SCHEDULES, STEP_HEADER, Variant,  # noqa: E402
+                                collect_runs, compare_steps, fit_calibration, format_step_row, format_steps,
                                 measure_link, write_device)
 from pipecc.passes.profile import measure_stage_times  # noqa: E402
 
@@ -93,8 +93,9 @@ def main() -> int:
     parser.add_argument("--launches", type=int, default=3,
                         help="launches of fresh rank processes per model; a plan's measured step is the median of "
                              "their medians (one launch's median moves about 10%% from the next's)")
-    parser.add_argument("--fit-schedules", nargs="+", default=["1f1b"],
-                        help="schedules whose steps the spec is fitted to (default 1f1b: the others out of sample)")
+    parser.add_argument("--fit-schedules", nargs="+", default=list(CALIBRATION_SCHEDULES),
+                        help="schedules whose steps the spec is fitted to (default 1f1b zb-h1, what pipecc calibrate "
+                             "fits to: the others out of sample)")
     parser.add_argument("--fit-launches", type=int, default=CALIBRATION_LAUNCHES,
                         help="launches of fresh rank processes per model that the spec is fitted to")
     parser.add_argument("--microbatches", type=int, default=4)

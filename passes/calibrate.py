@@ -29,6 +29,7 @@ too.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class StageSample:
     bytes_moved: tuple[int, ...]
     measured_ms: float
     conv: tuple[bool, ...] = ()  # per term: a convolution (timed at conv_flops); () for none
+    # an F sample's ops when its stage ran under autograd (each also paid autograd_op_overhead_ms), else 0
+    autograd_ops: int = 0
+    split_forward: bool = False  # an F run as the split forward graph (zero-bubble schedules): no autograd
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ComputeFit:
     action_overhead_ms: float = 0.0
     conv_flops: float = 0.0  # 0: no convolution among the samples, so peak_flops is used for them
     conv_bandwidth_bytes_per_s: float = 0.0  # likewise
+    autograd_op_overhead_ms: float = 0.0  # the prior's where no sample ran F both ways
 
 
 @dataclass(frozen=True)
@@ -155,8 +160,11 @@ def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
         nodes = [works[n] for n in stages[stage].node_names if n in works]
         terms = _action_terms(nodes, kind, first_stage=stage == 0)
         flops, bytes_moved, conv = _columns(terms)
+        split = stages[stage].backward_split is not None  # the runtime's F/B/W graphs: no autograd graph recorded
+        forward = kind is ActionKind.F
         samples.append(StageSample(f"{label} stage {stage} {kind.name} (mb {mb})", flops, bytes_moved,
-                                   statistics.mean(times), conv))
+                                   statistics.mean(times), conv, autograd_ops=len(flops) if forward and not split else 0,
+                                   split_forward=forward and split))
     return samples
 
 
@@ -323,15 +331,19 @@ def predict_ms(sample: StageSample, device: DeviceSpec) -> float:
     overhead the simulator adds."""
     conv = sample.conv or (False,) * len(sample.flops)
     return sum(device.compute_ms(f, b, c) for f, b, c in zip(sample.flops, sample.bytes_moved, conv)) \
-        + device.action_overhead_ms
+        + device.action_overhead_ms + sample.autograd_ops * device.autograd_op_overhead_ms
 
 
 PRIOR_WEIGHT = 1e-3  # RMS relative error a rate pays per decade squared away from the prior's
 
 
 def fit_compute(samples: Sequence[StageSample], prior: DeviceSpec | None = None) -> ComputeFit:
-    """Peak FLOP/s and bandwidth, the convolutions' FLOP/s and bandwidth, per-op and per-action
-    overhead minimising the RMS relative error of the samples.
+    """Peak FLOP/s and bandwidth, the convolutions' FLOP/s and bandwidth, per-op, per-action and
+    per-autograd-recorded-op overhead minimising the RMS relative error of the samples.
+
+    The autograd overhead is told apart from the per-op one only by forward actions run both ways,
+    under autograd (GPipe, 1F1B) and as split graphs (the zero-bubble schedules); samples of one
+    way alone keep the prior's (0 without a prior).
 
     With a `prior` (the spec being calibrated), each rate also pays PRIOR_WEIGHT per squared decade
     it moves from the prior's: 0.1% of error for 10x. That is nothing against a rate the samples
@@ -345,6 +357,11 @@ def fit_compute(samples: Sequence[StageSample], prior: DeviceSpec | None = None)
     if not np.all(measured > 0):
         raise ConfigError("a calibration sample has a non-positive measured time; the timer failed.")
     count = np.array([len(s.flops) for s in samples], dtype=np.float64)
+    autograd_ops = np.array([s.autograd_ops for s in samples], dtype=np.float64)
+    fit_autograd = bool(autograd_ops.any()) and any(s.split_forward for s in samples)
+    fixed_autograd_ms = 0.0 if fit_autograd or prior is None else prior.autograd_op_overhead_ms
+    # the overheads' columns: per op, per autograd-recorded op (when fitted), per action
+    regressors = np.stack([count] + [autograd_ops] * fit_autograd + [np.ones_like(count)], axis=1)
     has_conv = any(any(s.conv) for s in samples)
     # log10 of (peak, bandwidth, conv rate, conv bandwidth): a grid of half-decade steps over
     # 10^6..10^13, then finer grids (a third of the span each time) around the best point; without
@@ -356,11 +373,14 @@ def fit_compute(samples: Sequence[StageSample], prior: DeviceSpec | None = None)
         axes = [10 ** np.linspace(c - span, c + span, 15 if has_conv else 41) for c in centre]
         if not has_conv:
             axes[2:] = [np.array([0.0]), np.array([0.0])]
-        best = _best_on_grid(samples, measured, count, *axes, prior=prior_rates)
+        best = _best_on_grid(samples, measured - fixed_autograd_ms * autograd_ops, measured, regressors, *axes,
+                             prior=prior_rates)
         centre = np.log10([max(r, 1.0) for r in best[:4]])
         span /= 3
-    peak, bw, conv, conv_bw, op, action, error = best
-    return ComputeFit(float(peak), float(bw), float(op), float(error), float(action), float(conv), float(conv_bw))
+    peak, bw, conv, conv_bw, overheads, error = best
+    autograd = overheads[1] if fit_autograd else fixed_autograd_ms
+    return ComputeFit(float(peak), float(bw), float(overheads[0]), float(error), float(overheads[-1]), float(conv),
+                      float(conv_bw), float(autograd))
 
 
 def _prior_rates(prior: DeviceSpec | None) -> tuple[float, float, float, float] | None:
@@ -371,12 +391,14 @@ def _prior_rates(prior: DeviceSpec | None) -> tuple[float, float, float, float] 
             prior.bytes_per_s(conv=True))
 
 
-def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: np.ndarray, peaks: np.ndarray,
-                  bws: np.ndarray, conv_rates: np.ndarray, conv_bws: np.ndarray,
-                  prior: tuple[float, float, float, float] | None = None) -> tuple[float, ...]:
-    """(peak, bandwidth, conv rate, conv bandwidth, op overhead, action overhead, rms relative
-    error) of the best grid point: the least error, plus PRIOR_WEIGHT per squared decade from the
-    `prior` rates when given; conv rates of 0 time convolutions at the general ones."""
+def _best_on_grid(samples: Sequence[StageSample], target: np.ndarray, measured: np.ndarray, regressors: np.ndarray,
+                  peaks: np.ndarray, bws: np.ndarray, conv_rates: np.ndarray, conv_bws: np.ndarray,
+                  prior: tuple[float, float, float, float] | None = None) -> tuple:
+    """(peak, bandwidth, conv rate, conv bandwidth, overheads, rms relative error) of the best grid
+    point: the least error, plus PRIOR_WEIGHT per squared decade from the `prior` rates when given;
+    conv rates of 0 time convolutions at the general ones. `target`: the measured times less what
+    is charged at a fixed value; the overheads, one per column of `regressors`, explain the rest
+    beside the rooflines."""
     # roofline[s, i, j, k, l]: sample s's summed max(flops / rate, bytes / bandwidth) in ms, where
     # (rate, bandwidth) is (peak_i, bw_j), or (conv_rate_k, conv_bw_l) for a convolution
     shape = (len(peaks), len(bws), len(conv_rates), len(conv_bws))
@@ -391,8 +413,7 @@ def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: n
             if terms.any():
                 f, b = flops[terms][:, None, None, None, None], moved[terms][:, None, None, None, None]
                 roofline[n] += np.maximum(f / rate, b / band).sum(axis=0) * 1e3
-    residual = measured.reshape(-1, 1, 1, 1, 1) - roofline
-    op, action, error = _overheads(residual, measured, count)
+    overheads, error = _overheads(target.reshape(-1, 1, 1, 1, 1) - roofline, measured, regressors)
     penalty = np.zeros(shape)
     if prior is not None:
         for axis, (values, centre) in enumerate(zip((peaks, bws, conv_rates, conv_bws), prior)):
@@ -400,39 +421,40 @@ def _best_on_grid(samples: Sequence[StageSample], measured: np.ndarray, count: n
                 decades = np.log10(np.maximum(values, 1.0) / centre) ** 2
                 penalty += PRIOR_WEIGHT * decades.reshape([-1 if a == axis else 1 for a in range(4)])
     i, j, k, m = np.unravel_index(np.argmin(error + penalty), error.shape)
-    return peaks[i], bws[j], conv_rates[k], conv_bws[m], op[i, j, k, m], action[i, j, k, m], error[i, j, k, m]
+    return peaks[i], bws[j], conv_rates[k], conv_bws[m], overheads[:, i, j, k, m], error[i, j, k, m]
 
 
-def _overheads(residual: np.ndarray, measured: np.ndarray, count: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """At every grid point, the per-op overhead o >= 0 and per-action overhead a >= 0 minimising the
-    RMS of (residual - count*o - a) / measured, and that RMS. Weighted least squares in two
-    unknowns: the unconstrained solution where both are >= 0, else the best with one (or both) at 0.
+def _overheads(residual: np.ndarray, measured: np.ndarray, regressors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At every grid point (the axes of `residual` after the first, its samples), the overheads
+    c >= 0, one per column of `regressors` (samples x overheads), minimising the RMS of
+    (residual - regressors @ c) / measured, and that RMS. Weighted least squares under c >= 0: for
+    every subset of the columns left free (the rest at 0), the unconstrained solution, kept where it
+    is >= 0; the best of those. A subset whose columns cannot be told apart is skipped.
 
     >>> m = np.array([3.0, 5.0, 9.0]); n = np.array([1.0, 2.0, 4.0])
-    >>> o, a, err = _overheads((m - 0.0)[:, None, None], m, n)  # measured = 2*n + 1
-    >>> round(float(o[0, 0]), 6), round(float(a[0, 0]), 6), round(float(err[0, 0]), 6)
-    (2.0, 1.0, 0.0)
+    >>> c, err = _overheads(m[:, None], m, np.stack([n, np.ones(3)], axis=1))  # measured = 2*n + 1
+    >>> [round(float(x), 6) for x in c[:, 0]], round(float(err[0]), 6)
+    ([2.0, 1.0], 0.0)
     """
-    grid = (slice(None),) + (None,) * (residual.ndim - 1)  # a sample's numbers against every grid point
-    w = (1.0 / measured**2)[grid]
-    c = count[grid]
-    s_cc, s_c, s_1 = (w * c * c).sum(0), (w * c).sum(0), w.sum(0)
-    s_cr, s_r = (w * c * residual).sum(0), (w * residual).sum(0)
-    det = s_cc * s_1 - s_c**2
-    safe = np.where(np.abs(det) > 1e-30, det, np.inf)
-    candidates = [((s_cr * s_1 - s_c * s_r) / safe, (s_cc * s_r - s_c * s_cr) / safe),  # both free
-                  (s_cr / np.maximum(s_cc, 1e-30), np.zeros_like(s_r)),  # action overhead 0
-                  (np.zeros_like(s_r), s_r / np.maximum(s_1, 1e-30)),  # op overhead 0
-                  (np.zeros_like(s_r), np.zeros_like(s_r))]
-    best_error = np.full(residual.shape[1:], np.inf)
-    best_op, best_action = np.zeros_like(best_error), np.zeros_like(best_error)
-    for op, action in candidates:
-        error = np.sqrt((((residual - c * op[None] - action[None]) / measured[grid]) ** 2).mean(0))
-        better = (op >= 0) & (action >= 0) & (error < best_error)
+    flat = residual.reshape(len(measured), -1)
+    weights = (1.0 / measured**2)[:, None]
+    num_columns = regressors.shape[1]
+    best_error = np.full(flat.shape[1], np.inf)
+    best = np.zeros((num_columns, flat.shape[1]))
+    for free in itertools.product((False, True), repeat=num_columns):
+        columns = np.flatnonzero(free)
+        coefficients = np.zeros((num_columns, flat.shape[1]))
+        if columns.size:
+            x = regressors[:, columns]
+            normal = x.T @ (weights * x)
+            if np.linalg.matrix_rank(normal) < columns.size:
+                continue
+            coefficients[columns] = np.linalg.solve(normal, x.T @ (weights * flat))
+        error = np.sqrt((((flat - regressors @ coefficients) / measured[:, None]) ** 2).mean(0))
+        better = (coefficients >= 0).all(0) & (error < best_error)
         best_error = np.where(better, error, best_error)
-        best_op, best_action = np.where(better, op, best_op), np.where(better, action, best_action)
-    return best_op, best_action, best_error
+        best = np.where(better, coefficients, best)
+    return best.reshape(num_columns, *residual.shape[1:]), best_error.reshape(residual.shape[1:])
 
 
 def ping_pong_ms(sizes_bytes: Sequence[int], *, repeats: int = 20, peer: int = 1) -> list[LinkSample]:
@@ -479,7 +501,8 @@ def calibrated_device(base: DeviceSpec, name: str, compute: ComputeFit,
     spec = dataclasses.replace(base, name=name, peak_flops=compute.peak_flops, conv_flops=compute.conv_flops,
                                conv_bandwidth_bytes_per_s=compute.conv_bandwidth_bytes_per_s,
                                memory_bandwidth_bytes_per_s=compute.memory_bandwidth_bytes_per_s,
-                               op_overhead_ms=compute.op_overhead_ms, action_overhead_ms=compute.action_overhead_ms)
+                               op_overhead_ms=compute.op_overhead_ms, action_overhead_ms=compute.action_overhead_ms,
+                               autograd_op_overhead_ms=compute.autograd_op_overhead_ms)
     if runtime is not None:
         spec = dataclasses.replace(spec, message_overhead_ms=runtime.message_overhead_ms,
                                    receive_overhead_ms=runtime.receive_overhead_ms,

@@ -35,6 +35,7 @@ from typing import Sequence
 from pipecc.ir import Action, ActionKind, Schedule, StageCost
 from pipecc.passes.insert_comm import insert_comm
 from pipecc.passes.schedules.verify import execution_order
+from pipecc.passes.split_backward import needs_split_backward
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,13 @@ class Timeline:
         return sum(self.idle_ms) / total if total else 0.0
 
 
-def action_ms(action: Action, cost: StageCost) -> float:
+def action_ms(action: Action, cost: StageCost, autograd: bool = True) -> float:
     """Time a compute action occupies its rank (its runtime overhead included), or a message
-    takes on the link."""
+    takes on the link. `autograd`: the stage's forward records the autograd graph (the schedule
+    does not split B and W: `needs_split_backward`)."""
     match action.kind:
         case ActionKind.F:
-            return cost.forward_ms + cost.action_overhead_ms
+            return cost.forward_ms + cost.action_overhead_ms + (cost.autograd_forward_ms if autograd else 0.0)
         case ActionKind.B:
             return cost.backward_input_ms + cost.action_overhead_ms / 2
         case ActionKind.W:
@@ -147,6 +149,7 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
     15.0
     """
     lowered = insert_comm(schedule)
+    autograd = not needs_split_backward(schedule)  # the runtime's F/B/W graphs record no autograd graph
     clock = [0.0] * schedule.num_ranks
     arrival: dict[tuple[ActionKind, int, int], float] = {}  # (send kind, stage, mb) -> arrival time
     events = []
@@ -160,7 +163,7 @@ def simulate(schedule: Schedule, costs: Sequence[StageCost]) -> Timeline:
         elif action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
             end = max(taken, arrival[matching_send(action)])
         else:
-            end = start + action_ms(action, cost)
+            end = start + action_ms(action, cost, autograd)
         clock[rank] = end
         events.append(TimedAction(rank, action, start, end))
     busy = [0.0] * schedule.num_ranks

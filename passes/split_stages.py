@@ -186,6 +186,9 @@ def _stage_cost(problem: PartitionProblem, costs: CostTable, start: int, stop: i
         receive_overhead_ms=problem.device.receive_overhead_ms,
         message_ms_per_mb=problem.device.message_ms_per_mb,
         step_overhead_ms=problem.device.step_overhead_ms,
+        # per op that does work (a view does none; calibrate counts its samples' ops the same way)
+        autograd_forward_ms=problem.device.autograd_op_overhead_ms / speed
+        * sum(1 for n in names if costs[n].flops_forward or costs[n].bytes_forward),
     )
 
 

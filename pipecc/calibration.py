@@ -29,6 +29,7 @@ from pipecc.passes.calibrate import (MAX_LINK_LATENCY_MS, ComputeFit, LinkSample
                                      fit_runtime, fit_step, ping_pong_ms, predict_ms, send_samples)
 from pipecc.passes.capture import capture
 from pipecc.passes.schedules import in_flight as held_microbatches
+from pipecc.passes.simulate import simulate
 from pipecc.pipeline import split_partition
 from pipecc.plan import Plan
 
@@ -54,7 +55,8 @@ class Calibration:
         conv = (f" (convolutions {d.conv_flops / 1e9:.2f} GFLOP/s, {d.conv_bandwidth_bytes_per_s / 1e9:.3f} GB/s)"
                 if d.conv_flops else "")
         return (f"fitted {d.name!r}: {d.peak_flops / 1e9:.2f} GFLOP/s{conv}, memory {d.memory_bandwidth_bytes_per_s / 1e9:.3f} GB/s, "
-                f"op overhead {d.op_overhead_ms * 1e3:.1f} us, action overhead {d.action_overhead_ms * 1e3:.0f} us, "
+                f"op overhead {d.op_overhead_ms * 1e3:.1f} us (under autograd +{d.autograd_op_overhead_ms * 1e3:.1f} us), "
+                f"action overhead {d.action_overhead_ms * 1e3:.0f} us, "
                 f"message overhead {d.message_overhead_ms * 1e3:.0f} us + {d.message_ms_per_mb * 1e3:.0f} us/MB "
                 f"(receive {d.receive_overhead_ms * 1e3:.0f} us), step overhead {d.step_overhead_ms:.2f} ms, "
                 f"link latency {d.link_latency_ms * 1e3:.1f} us{ping_pong}, link {d.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
@@ -68,7 +70,11 @@ def _build(model_spec: str) -> tuple:
     return build_model(model_spec)
 
 
-CALIBRATION_SCHEDULE = "1f1b"  # what the samples are measured on; other schedules are then predicted
+# What the samples are measured on; other schedules are then predicted. One of each way the runtime
+# runs a stage: under autograd (1F1B; GPipe and interleaved 1F1B run the same way) and as split
+# F/B/W graphs (ZB-H1; ZB-H2 and ZB-V likewise): their forwards differ by the cost of recording
+# the autograd graph, which a fit to one way alone cannot tell from the ops' own cost.
+CALIBRATION_SCHEDULES = ("1f1b", "zb-h1")
 CALIBRATION_STEPS = 10  # measured steps per configuration and launch
 CALIBRATION_LAUNCHES = 4  # launches of fresh rank processes per configuration: one's steps run 5-15% from the next's
 
@@ -99,6 +105,16 @@ class MeasuredRun:
         """The model and schedule, e.g. "gpt 1f1b": what its action samples and step rows are labelled with."""
         return f"{self.label} {self.plan.schedule.name}"
 
+    @property
+    def measured_ms(self) -> float:
+        """The median of its steps measured without recording (what training runs)."""
+        return statistics.median(s.wall_ms for s in self.plain_steps)
+
+    def predicted_ms(self, device: DeviceSpec) -> float:
+        """Its step as simulated on `device`, on its own partition (a plan compiled for `device`
+        may cut the model elsewhere): how well `device` predicts these measurements."""
+        return simulate(self.plan.schedule, list(self._stage_costs(annotate_costs(self.captured, device)))).step_time_ms
+
     def step_sample(self, device: DeviceSpec) -> StepSample:
         """This run for fit_step: its stages on `device` at link latency 0 and 1 ms, and the median of
         its steps measured without recording."""
@@ -106,12 +122,12 @@ class MeasuredRun:
         at = [self._stage_costs(dataclasses.replace(costs, device=dataclasses.replace(device, link_latency_ms=ms)))
               for ms in (0.0, 1.0)]
         return StepSample(f"{self.configuration} x{self.plan.schedule.num_microbatches}",
-                          self.plan.schedule, at[0], at[1], statistics.median(s.wall_ms for s in self.plain_steps))
+                          self.plan.schedule, at[0], at[1], self.measured_ms)
 
 
 def collect_runs(model_specs: Sequence[str], *, microbatch_counts: Sequence[int] = (2, 4),
                  num_steps: int = CALIBRATION_STEPS, num_ranks: int = 2, num_launches: int = CALIBRATION_LAUNCHES,
-                 schedules: Sequence[str] = (CALIBRATION_SCHEDULE,)) -> list[MeasuredRun]:
+                 schedules: Sequence[str] = CALIBRATION_SCHEDULES) -> list[MeasuredRun]:
     """Measured steps of every model under each schedule on `num_ranks` gloo ranks at each
     micro-batch count, with the runtime's timeline recorded and without, pooled over `num_launches`
     launches of fresh rank processes (each launch's steps differ from the next's by about 10%)."""
@@ -149,13 +165,13 @@ def measure_link(sizes_bytes: Sequence[int] = LINK_SIZES_BYTES) -> list[LinkSamp
 
 def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", name: str = "calibrated",
               measure_links: bool = True, num_steps: int = CALIBRATION_STEPS, num_launches: int = CALIBRATION_LAUNCHES,
-              schedules: Sequence[str] = (CALIBRATION_SCHEDULE,)) -> Calibration:
+              schedules: Sequence[str] = CALIBRATION_SCHEDULES) -> Calibration:
     """Fit a DeviceSpec to the recorded actions of pipelined steps of `model_specs` on local gloo
     ranks of this machine: compute rates and overheads to the actions, message overheads to the
     timeline, the link to gloo ping-pongs, and then the step overhead and the link latency to the
     whole steps (`fit_step`; with measure_links=False the base spec's link is kept as it is).
-    The steps are those of each of `schedules` (1F1B alone by default; the others are then
-    predicted out of sample) at 2 and 4 micro-batches.
+    The steps are those of each of `schedules` (1F1B and ZB-H1 by default: CALIBRATION_SCHEDULES;
+    the others are then predicted out of sample) at 2 and 4 micro-batches.
 
     Each configuration is measured in `num_launches` launches of fresh rank processes: one launch's
     median step moves 5-15% from the next's on a 2-core VM, and with 2 launches two calibrations

@@ -254,9 +254,9 @@ def make_parser() -> argparse.ArgumentParser:
                                                          "is kept: cpu, a100, h100 or a JSON (default cpu)")
     calibrate.add_argument("--name", default="calibrated", help="name of the fitted spec (default calibrated)")
     calibrate.add_argument("--no-link", action="store_true", help="keep the base spec's link; skip the ping-pong")
-    calibrate.add_argument("--schedules", nargs="+", default=["1f1b"], metavar="SCHEDULE",
-                           help="schedules whose steps the spec is fitted to (default 1f1b; e.g. gpipe 1f1b zb-h1 "
-                                "for the ones you will run: each adds its measurement time)")
+    calibrate.add_argument("--schedules", nargs="+", default=None, metavar="SCHEDULE",
+                           help="schedules whose steps the spec is fitted to (default 1f1b zb-h1: a stage run "
+                                "under autograd and one run as split F/B/W graphs; each adds its measurement time)")
     calibrate.add_argument("--launches", type=int, default=4,
                            help="launches of fresh rank processes each configuration is measured in (default 4; "
                                 "one launch's steps run 5-15%% apart from the next's)")
@@ -278,7 +278,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--launches {args.launches}: it must be at least 1 (4 by default).")
     base = resolve_device(args.base)
     result = calibration.calibrate(args.models, base=base, name=args.name, measure_links=not args.no_link,
-                                   num_launches=args.launches, schedules=args.schedules)
+                                   num_launches=args.launches,
+                                   schedules=args.schedules or calibration.CALIBRATION_SCHEDULES)
     path = calibration.write_device(result.device, args.output)
     print(calibration.format_samples(result, base))
     print()

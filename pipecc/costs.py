@@ -46,12 +46,17 @@ class DeviceSpec:
     # and posting a send costs this much more per MB it carries (gloo writes into the socket what it
     # takes at once, on the sending thread: on a 2-core VM 0.06 ms for 16 KB, 0.25 ms for 1 MB)
     message_ms_per_mb: float = 0.0
+    # CPU time per forward op of recording the autograd graph (its grad_fn, saved tensors), paid
+    # where a stage's forward runs under autograd: GPipe, 1F1B and interleaved 1F1B. The zero-bubble
+    # schedules run split F/B/W graphs without autograd (passes/split_backward.py) and do not pay
+    # it. On a 2-core VM, MLP example: F 0.28-0.41 ms under autograd, 0.22-0.29 ms as a split graph.
+    autograd_op_overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bandwidth_bytes_per_s", "link_bandwidth_bytes_per_s",
                      "memory_capacity_bytes", "link_latency_ms", "op_overhead_ms", "action_overhead_ms",
                      "message_overhead_ms", "step_overhead_ms", "receive_overhead_ms", "message_ms_per_mb",
-                     "conv_flops", "conv_bandwidth_bytes_per_s"):
+                     "autograd_op_overhead_ms", "conv_flops", "conv_bandwidth_bytes_per_s"):
             value = getattr(self, name)
             # latencies, overheads and per-MB costs may be 0; a conv rate of 0 means the general one
             may_be_zero = name.endswith(("_ms", "_per_mb")) or name.startswith("conv_")

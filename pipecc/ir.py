@@ -109,6 +109,9 @@ class StageCost:
     sync_ms: float = 0.0
     receive_overhead_ms: float = 0.0  # the DeviceSpec fields of these names
     message_ms_per_mb: float = 0.0
+    # the stage's forward ops times DeviceSpec.autograd_op_overhead_ms: what its F costs on top of
+    # forward_ms where it runs under autograd (the simulator charges it unless the schedule splits B and W)
+    autograd_forward_ms: float = 0.0
 
     @property
     def compute_ms(self) -> float:

@@ -94,6 +94,27 @@ def test_a_rate_the_samples_do_not_see_keeps_the_prior_value() -> None:
     assert seen.memory_bandwidth_bytes_per_s == pytest.approx(truth.memory_bandwidth_bytes_per_s, rel=0.03)
 
 
+def test_the_autograd_overhead_is_fitted_from_forwards_run_both_ways() -> None:
+    """Forwards measured under autograd and as split graphs: the fit tells the recording overhead
+    per op from the op's own; with forwards of one way alone it keeps the prior's."""
+    truth = dataclasses.replace(CPU, peak_flops=20e9, memory_bandwidth_bytes_per_s=0.8e9, op_overhead_ms=0.03,
+                                action_overhead_ms=0.1, autograd_op_overhead_ms=0.012)
+    samples = []
+    for k, s in enumerate(_synthetic_samples(truth, num_samples=36)):
+        way = {0: dict(autograd_ops=len(s.flops)), 1: dict(split_forward=True), 2: {}}[k % 3]  # F, F, a backward
+        sample = dataclasses.replace(s, **way)
+        samples.append(dataclasses.replace(sample, measured_ms=predict_ms(sample, truth)))
+    fit = fit_compute(samples, prior=CPU)
+    assert fit.autograd_op_overhead_ms == pytest.approx(0.012, rel=0.1)
+    assert fit.op_overhead_ms == pytest.approx(0.03, rel=0.1) and fit.rms_relative_error < 0.02
+    device = calibrated_device(CPU, "x", fit, None)
+    assert device.autograd_op_overhead_ms == fit.autograd_op_overhead_ms
+    one_way = [s for s in samples if not s.split_forward]
+    assert fit_compute(one_way, prior=CPU).autograd_op_overhead_ms == CPU.autograd_op_overhead_ms == 0.0
+    prior = dataclasses.replace(CPU, autograd_op_overhead_ms=0.012)
+    assert fit_compute(one_way, prior=prior).autograd_op_overhead_ms == 0.012
+
+
 def test_too_few_samples_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"at least 3 stage samples, got 1\.\nGive it more"):
         fit_compute([StageSample("x", (1,), (1,), 1.0)])
@@ -118,6 +139,15 @@ def test_action_samples_predict_what_the_plan_predicts() -> None:
     samples = action_samples("gpt", captured, plan.stages, steps)
     assert [s.label for s in samples] == ["gpt stage 0 F (mb 2)", "gpt stage 0 BW (mb 2)",
                                           "gpt stage 1 F (mb 2)", "gpt stage 1 BW (mb 2)"]
+    # 1F1B runs its forwards under autograd: each of their ops pays the recording overhead
+    recording = dataclasses.replace(CPU, autograd_op_overhead_ms=0.01)
+    costed = pipecc.compile(model, inputs, loss_fn=loss_fn, example_target=target, num_stages=2, num_microbatches=2,
+                            device=recording)
+    for stage, (forward, backward) in zip(costed.stages, zip(samples[::2], samples[1::2])):
+        assert forward.autograd_ops == len(forward.flops) > 0 and backward.autograd_ops == 0
+        assert stage.cost.autograd_forward_ms == pytest.approx(0.01 * forward.autograd_ops)
+        assert predict_ms(forward, recording) == pytest.approx(stage.cost.forward_ms + stage.cost.autograd_forward_ms,
+                                                               rel=1e-9)
     for stage, (forward, backward) in zip(plan.stages, zip(samples[::2], samples[1::2])):
         assert predict_ms(forward, CPU) == pytest.approx(stage.cost.forward_ms, rel=1e-9)
         assert predict_ms(backward, CPU) == pytest.approx(stage.cost.backward_input_ms + stage.cost.backward_weight_ms,
@@ -134,6 +164,7 @@ def test_split_backward_samples_time_b_and_w_apart() -> None:
     captured = capture(model, inputs, loss_fn, target, num_microbatches=2)
     samples = action_samples("gpt", captured, plan.stages, [MeasuredStep(0.0, plan.measure_local(*inputs, target=target)[1])])
     assert [s.label for s in samples[:3]] == ["gpt stage 0 F (mb 2)", "gpt stage 0 B (mb 2)", "gpt stage 0 W (mb 2)"]
+    assert samples[0].split_forward and samples[0].autograd_ops == 0  # the split forward graph records no autograd
     assert predict_ms(samples[1], CPU) == pytest.approx(plan.stages[0].cost.backward_input_ms, rel=1e-9)
     assert predict_ms(samples[2], CPU) == pytest.approx(plan.stages[0].cost.backward_weight_ms, rel=1e-9)
 
@@ -212,6 +243,7 @@ def test_cli_calibrate_writes_a_device_json_that_report_reads(tmp_path: Path, ca
     printed = capsys.readouterr().out
     assert "mlp 1f1b stage 0 F (mb 2)" in printed and "mlp 1f1b stage 1 BW (mb 4)" in printed  # per stage run
     assert "mlp 1f1b x2" in printed and "mlp 1f1b x4" in printed  # per whole step, 2 and 4 micro-batches
+    assert "mlp zb-h1 stage 1 W (mb 4)" in printed and "mlp zb-h1 x4" in printed  # and the split graphs' way
     assert f"wrote {out}: use it with --device {out}" in printed
     fitted = resolve_device(str(out))
     assert fitted.name == "this-machine" and fitted.link_latency_ms == CPU.link_latency_ms  # --no-link keeps it

@@ -153,6 +153,20 @@ def test_runtime_overheads_of_a_calibrated_device() -> None:
     assert split.busy_ms == pytest.approx((3.5, 3.5))
 
 
+def test_only_a_forward_under_autograd_pays_for_recording_the_graph() -> None:
+    """GPipe and 1F1B run their forwards under autograd, the zero-bubble schedules split graphs:
+    only the first charge each F its stage's autograd_forward_ms (here 0.5 on 2 ranks, 2 micro-batches:
+    every F of the critical path, and rank 0 runs them back to back)."""
+    recording = replace(UNIT, autograd_forward_ms=0.5)
+    for name in ("gpipe", "1f1b"):
+        schedule = SCHEDULES[name].build(2, 2)
+        with_it, without = simulate(schedule, [recording] * 2), simulate(schedule, [UNIT] * 2)
+        assert with_it.busy_ms == pytest.approx(tuple(b + 2 * 0.5 for b in without.busy_ms))
+        assert with_it.step_time_ms > without.step_time_ms
+    split = SCHEDULES["zb-h1"].build(2, 2)
+    assert simulate(split, [recording] * 2) == simulate(split, [UNIT] * 2)
+
+
 def test_a_receive_whose_message_is_there_costs_the_receive_overhead() -> None:
     """1F1B, 2 ranks, 2 micro-batches: rank 1's second receive finds its message there (sent while
     rank 1 ran micro-batch 0), so it takes the receive overhead, not the send's."""
