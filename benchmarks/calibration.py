@@ -155,6 +155,13 @@ def main() -> int:
             for key, r in zip(variants, row):
                 print(format_step_row(name, key, r), flush=True)
                 errors[key].append((abs(r.error), abs(r.busy_error)))
+            # the cpu preset's plan is the one calibration measured (same partition and micro-batches)
+            for run in (fitted for fitted in runs if (fitted.label, fitted.plan.schedule.name,
+                                                       fitted.plan.schedule.num_microbatches)
+                        == (name, schedule, args.microbatches)):
+                print(f"{'':19s}the cpu preset's plan measured {run.measured_ms:.2f} ms during calibration: "
+                      f"{100 * (dict(zip(variants, row))['cpu preset'].measured_ms / run.measured_ms - 1):+.0f}% since "
+                      "(the machine's drift)")
     print("\nmean |error| per cost model (step; busy), and steps predicted within 10%: " + ", ".join(
         f"{k} {100 * statistics.mean(e for e, _ in v):.1f}%; {100 * statistics.mean(b for _, b in v):.1f}%, "
         f"{sum(e <= 0.10 for e, _ in v)} of {len(v)}" for k, v in errors.items()))

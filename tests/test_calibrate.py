@@ -301,6 +301,10 @@ def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
     assert result.device.link_latency_ms == result.step.link_latency_ms >= fit_link(result.link_samples)[0]
     assert result.device.step_overhead_ms == result.step.step_overhead_ms >= 0.0
     assert "ping-pong" in result.summary() and "mean error over the measured steps" in result.summary()
+    # a run simulated on the fitted spec is the step fit's row for it (benchmarks/calibration_fits.py judges specs so)
+    for run, row in zip(runs, result.step.steps):
+        assert run.predicted_ms(result.device) == pytest.approx(row.predicted_ms, rel=1e-6)
+        assert run.measured_ms == row.measured_ms
     one_f_one_b = fit_calibration([r for r in runs if r.plan.schedule.name == "1f1b"], [], base=CPU, name="1f1b")
     assert [s.label for s in one_f_one_b.step.steps] == ["mlp 1f1b x2", "mlp 1f1b x4"]
     assert not any("zb-h1" in s.label for s in one_f_one_b.samples)
