@@ -3,6 +3,7 @@ models or one per model, judged on the same measured steps.
 
     python benchmarks/calibration_fits.py                 # all examples, ~6 minutes on 2 cores
     python benchmarks/calibration_fits.py --models mlp gpt --launches 2
+    python benchmarks/calibration_fits.py --models mlp --steps 2 --launches 1   # seconds: does it run
 
 Measures every example's pipelined steps under GPipe, 1F1B and ZB-H1 at 2 and 4 micro-batches on 2
 gloo ranks (what `pipecc calibrate --schedules gpipe 1f1b zb-h1` measures: each plan cut by the
@@ -32,7 +33,7 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from pipecc.calibration import (CALIBRATION_LAUNCHES, MeasuredRun, collect_runs, fit_calibration,  # noqa: E402
+from pipecc.calibration import (CALIBRATION_LAUNCHES, CALIBRATION_STEPS, MeasuredRun, collect_runs, fit_calibration,  # noqa: E402
                                 measure_link)
 
 MODELS = ("gpt", "bert", "mlp", "resnet", "unet")
@@ -50,6 +51,8 @@ def fit_label(schedules: tuple[str, ...], scope: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--steps", type=int, default=CALIBRATION_STEPS,
+                        help=f"measured steps per configuration and launch (default {CALIBRATION_STEPS})")
     parser.add_argument("--launches", type=int, default=CALIBRATION_LAUNCHES,
                         help=f"launches of fresh rank processes per model (default {CALIBRATION_LAUNCHES})")
     parser.add_argument("--fit-sets", nargs="+", default=["1f1b", "1f1b,zb-h1"],
@@ -67,7 +70,8 @@ def main() -> int:
     print(f"{datetime.date.today().isoformat()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 gloo ranks x 1 "
           f"thread, load average {os.getloadavg()[0]:.1f}")
     start = time.perf_counter()
-    runs = collect_runs([spec_of(m) for m in args.models], schedules=SCHEDULES, num_launches=args.launches)
+    runs = collect_runs([spec_of(m) for m in args.models], schedules=SCHEDULES, num_steps=args.steps,
+                        num_launches=args.launches)
     links = measure_link()
     print(f"measured in {time.perf_counter() - start:.0f} s")
 

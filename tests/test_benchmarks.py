@@ -1,5 +1,5 @@
-"""The side-by-side benchmark keeps working: it runs end to end at its smallest size (no timing
-assertions), and its measuring pieces measure what they claim."""
+"""The side-by-side and calibration-fit benchmarks keep working: they run end to end at their
+smallest size (no timing assertions), and the measuring pieces measure what they claim."""
 
 from __future__ import annotations
 
@@ -97,3 +97,16 @@ def test_benchmark_runs_at_the_smallest_size() -> None:
         assert rows[("gpt-8k", schedule)][5].endswith("x")  # the pipecc/torch ratio
         assert rows[("bert", schedule)][5].endswith("x")
     assert "torch unsupported: stage 1's gradient of input 1" in proc.stdout  # why, for the 1F1B U-Net
+
+
+@pytest.mark.dist
+def test_calibration_fits_benchmark_judges_every_fit_on_every_configuration() -> None:
+    """MLP, 2 steps, 1 launch: a row per schedule and micro-batch count with every fit's error, and a
+    summary per fit naming the schedules it did not see."""
+    proc = subprocess.run([sys.executable, "benchmarks/calibration_fits.py", "--models", "mlp", "--steps", "2",
+                           "--launches", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("mlp ")]
+    assert [(r[1], r[2]) for r in rows] == [(s, m) for s in ("gpipe", "1f1b", "zb-h1") for m in ("2", "4")]
+    assert all(len(r) == 4 + 4 and all(cell.endswith("%") for cell in r[4:]) for r in rows)  # 4 fits
+    assert "1f1b+zb-h1 own     all" in proc.stdout and "out of sample (gpipe, zb-h1)" in proc.stdout
