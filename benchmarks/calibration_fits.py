@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from pipecc.calibration import (CALIBRATION_LAUNCHES, CALIBRATION_STEPS, MeasuredRun, collect_runs, fit_calibration,  # noqa: E402
                                 measure_link)
+from pipecc.costs import DeviceSpec  # noqa: E402
 
 MODELS = ("gpt", "bert", "mlp", "resnet", "unet")
 SCHEDULES = ("gpipe", "1f1b", "zb-h1")
@@ -84,12 +85,9 @@ def main() -> int:
         specs[fit_label(schedules, "joint")] = dict.fromkeys(args.models, joint)
         specs[fit_label(schedules, "own")] = {m: fit_calibration([r for r in seen if r.label == m], links).device
                                               for m in args.models}
-        for label in (fit_label(schedules, "joint"), fit_label(schedules, "own")):
-            for model, device in sorted(specs[label].items()) if label.endswith("own") else [("all", joint)]:
-                print(f"{label:18s} {model:6s}: op overhead {device.op_overhead_ms * 1e3:5.1f} us, under autograd "
-                      f"+{device.autograd_op_overhead_ms * 1e3:4.1f} us, action overhead "
-                      f"{device.action_overhead_ms * 1e3:3.0f} us, link latency {device.link_latency_ms * 1e3:4.0f} us, "
-                      f"step overhead {device.step_overhead_ms:.2f} ms")
+        print(describe(fit_label(schedules, "joint"), "all", joint))
+        for model, device in sorted(specs[fit_label(schedules, "own")].items()):
+            print(describe(fit_label(schedules, "own"), model, device))
 
     print("\npredicted / measured - 1 per configuration (median of the steps measured without the timeline)")
     print(f"{'model':7s} {'schedule':8s} {'mb':>2s} {'measured':>9s} " + " ".join(f"{k:>18s}" for k in specs))
@@ -111,6 +109,13 @@ def main() -> int:
               f"{summary([e for r, e in rows if r.plan.schedule.name in unseen])}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
+
+
+def describe(label: str, model: str, device: DeviceSpec) -> str:
+    """The fitted overheads, link latency and step overhead of one spec, on a line."""
+    return (f"{label:18s} {model:6s}: op overhead {device.op_overhead_ms * 1e3:5.1f} us, under autograd "
+            f"+{device.autograd_op_overhead_ms * 1e3:4.1f} us, action overhead {device.action_overhead_ms * 1e3:3.0f} us, "
+            f"link latency {device.link_latency_ms * 1e3:4.0f} us, step overhead {device.step_overhead_ms:.2f} ms")
 
 
 def summary(errors: list[float]) -> str:

@@ -54,9 +54,18 @@ class StageSample:
     bytes_moved: tuple[int, ...]
     measured_ms: float
     conv: tuple[bool, ...] = ()  # per term: a convolution (timed at conv_flops); () for none
-    # an F sample's ops when its stage ran under autograd (each also paid autograd_op_overhead_ms), else 0
-    autograd_ops: int = 0
-    split_forward: bool = False  # an F run as the split forward graph (zero-bubble schedules): no autograd
+    # an F sample: whether its stage ran under autograd (True) or as the split forward graph of the
+    # zero-bubble schedules (False); None for a backward sample
+    forward_under_autograd: bool | None = None
+
+    @property
+    def autograd_ops(self) -> int:
+        """The ops that also paid autograd_op_overhead_ms: all of an F's under autograd, else none."""
+        return len(self.flops) if self.forward_under_autograd else 0
+
+    @property
+    def split_forward(self) -> bool:
+        return self.forward_under_autograd is False
 
 
 @dataclass(frozen=True)
@@ -160,11 +169,10 @@ def action_samples(label: str, captured: Captured, stages: Sequence[Stage],
         nodes = [works[n] for n in stages[stage].node_names if n in works]
         terms = _action_terms(nodes, kind, first_stage=stage == 0)
         flops, bytes_moved, conv = _columns(terms)
-        split = stages[stage].backward_split is not None  # the runtime's F/B/W graphs: no autograd graph recorded
-        forward = kind is ActionKind.F
+        # the runtime's split F/B/W graphs record no autograd graph
+        under_autograd = stages[stage].backward_split is None if kind is ActionKind.F else None
         samples.append(StageSample(f"{label} stage {stage} {kind.name} (mb {mb})", flops, bytes_moved,
-                                   statistics.mean(times), conv, autograd_ops=len(flops) if forward and not split else 0,
-                                   split_forward=forward and split))
+                                   statistics.mean(times), conv, under_autograd))
     return samples
 
 
@@ -362,6 +370,7 @@ def fit_compute(samples: Sequence[StageSample], prior: DeviceSpec | None = None)
     fixed_autograd_ms = 0.0 if fit_autograd or prior is None else prior.autograd_op_overhead_ms
     # the overheads' columns: per op, per autograd-recorded op (when fitted), per action
     regressors = np.stack([count] + [autograd_ops] * fit_autograd + [np.ones_like(count)], axis=1)
+    target = measured - fixed_autograd_ms * autograd_ops  # what the rooflines and fitted overheads explain
     has_conv = any(any(s.conv) for s in samples)
     # log10 of (peak, bandwidth, conv rate, conv bandwidth): a grid of half-decade steps over
     # 10^6..10^13, then finer grids (a third of the span each time) around the best point; without
@@ -373,8 +382,7 @@ def fit_compute(samples: Sequence[StageSample], prior: DeviceSpec | None = None)
         axes = [10 ** np.linspace(c - span, c + span, 15 if has_conv else 41) for c in centre]
         if not has_conv:
             axes[2:] = [np.array([0.0]), np.array([0.0])]
-        best = _best_on_grid(samples, measured - fixed_autograd_ms * autograd_ops, measured, regressors, *axes,
-                             prior=prior_rates)
+        best = _best_on_grid(samples, target, measured, regressors, *axes, prior=prior_rates)
         centre = np.log10([max(r, 1.0) for r in best[:4]])
         span /= 3
     peak, bw, conv, conv_bw, overheads, error = best

@@ -101,8 +101,7 @@ def test_the_autograd_overhead_is_fitted_from_forwards_run_both_ways() -> None:
                                 action_overhead_ms=0.1, autograd_op_overhead_ms=0.012)
     samples = []
     for k, s in enumerate(_synthetic_samples(truth, num_samples=36)):
-        way = {0: dict(autograd_ops=len(s.flops)), 1: dict(split_forward=True), 2: {}}[k % 3]  # F, F, a backward
-        sample = dataclasses.replace(s, **way)
+        sample = dataclasses.replace(s, forward_under_autograd=(True, False, None)[k % 3])  # F, F, a backward
         samples.append(dataclasses.replace(sample, measured_ms=predict_ms(sample, truth)))
     fit = fit_compute(samples, prior=CPU)
     assert fit.autograd_op_overhead_ms == pytest.approx(0.012, rel=0.1)
