@@ -4,7 +4,7 @@
     python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5 --launches 1
 
 1. Fits a device spec to this machine (what `pipecc calibrate` does: the recorded actions and
-   steps of 1F1B (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, and gloo
+   steps of 1F1B and ZB-H1 (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, and gloo
    ping-pongs) and writes it as JSON: one spec to all the models together, and from the same
    measurements one spec to each model alone (what `pipecc calibrate MODEL` gives a user who
    trains that model). Other schedules, and models left out of --fit-models, are out of sample.
@@ -94,8 +94,8 @@ def main() -> int:
                         help="launches of fresh rank processes per model; a plan's measured step is the median of "
                              "their medians (one launch's median moves about 10%% from the next's)")
     parser.add_argument("--fit-schedules", nargs="+", default=list(CALIBRATION_SCHEDULES),
-                        help="schedules whose steps the spec is fitted to (default 1f1b, what pipecc calibrate "
-                             "fits to: the others out of sample)")
+                        help="schedules whose steps the spec is fitted to (default 1f1b zb-h1, what pipecc "
+                             "calibrate fits to: the others out of sample)")
     parser.add_argument("--fit-launches", type=int, default=CALIBRATION_LAUNCHES,
                         help="launches of fresh rank processes per model that the spec is fitted to")
     parser.add_argument("--microbatches", type=int, default=4)

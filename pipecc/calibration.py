@@ -2,7 +2,7 @@
 steps over real gloo ranks. Behind `pipecc calibrate` and benchmarks/calibration.py.
 
 The fitting itself is `pipecc.passes.calibrate`; this module launches what it needs: pipelined
-1F1B steps of the given models on local gloo ranks, one intra-op thread each as `pipecc run`
+1F1B and ZB-H1 steps of the given models on local gloo ranks, one intra-op thread each as `pipecc run`
 trains, with the runtime's timeline recorded (the samples the device spec is fitted to), and a
 ping-pong for the link.
 """
@@ -72,12 +72,13 @@ def _build(model_spec: str) -> tuple:
 
 # What the samples are measured on by default; other schedules are then predicted. 1F1B runs its
 # stages under autograd, as GPipe and interleaved 1F1B do. The zero-bubble schedules run split
-# F/B/W graphs instead, whose forwards skip recording the autograd graph: a fit to 1F1B and ZB-H1
-# steps (`schedules=("1f1b", "zb-h1")`) also fits that cost (DeviceSpec.autograd_op_overhead_ms)
-# and predicts the zero-bubble schedules better, at 2.5x the measuring time
-# (benchmarks/calibration_fits.py: over three runs, per-model specs fitted to 1F1B alone predicted
-# 87 of 90 configurations within 10%, fitted to both 84 of 90, their ZB-H1 steps closer).
-CALIBRATION_SCHEDULES = ("1f1b",)
+# F/B/W graphs instead, whose forwards skip recording the autograd graph: only forwards measured
+# both ways tell that cost (DeviceSpec.autograd_op_overhead_ms) from the per-op overhead, so the
+# default measures both, at 2.5x the measuring time of 1F1B alone (benchmarks/calibration_fits.py,
+# per-model specs, seven runs on 2-core VMs: fitted to 1F1B and ZB-H1, 201 of 210
+# configurations within 10% and never under 25 of 30 in a run; to 1F1B alone 193 of 210, down to
+# 24 of 30 where ZB-H1 ran 15-25% faster than its 1F1B steps).
+CALIBRATION_SCHEDULES = ("1f1b", "zb-h1")
 CALIBRATION_STEPS = 10  # measured steps per configuration and launch
 CALIBRATION_LAUNCHES = 4  # launches of fresh rank processes per configuration: one's steps run 5-15% from the next's
 
@@ -173,8 +174,8 @@ def calibrate(model_specs: Sequence[str], *, base: DeviceSpec | str = "cpu", nam
     ranks of this machine: compute rates and overheads to the actions, message overheads to the
     timeline, the link to gloo ping-pongs, and then the step overhead and the link latency to the
     whole steps (`fit_step`; with measure_links=False the base spec's link is kept as it is).
-    The steps are those of each of `schedules` (1F1B alone by default, CALIBRATION_SCHEDULES; the
-    others are then predicted out of sample) at 2 and 4 micro-batches.
+    The steps are those of each of `schedules` (1F1B and ZB-H1 by default, CALIBRATION_SCHEDULES;
+    the others are then predicted out of sample) at 2 and 4 micro-batches.
 
     Each configuration is measured in `num_launches` launches of fresh rank processes: one launch's
     median step moves 5-15% from the next's on a 2-core VM, and with 2 launches two calibrations

@@ -255,9 +255,10 @@ def make_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--name", default="calibrated", help="name of the fitted spec (default calibrated)")
     calibrate.add_argument("--no-link", action="store_true", help="keep the base spec's link; skip the ping-pong")
     calibrate.add_argument("--schedules", nargs="+", default=None, metavar="SCHEDULE",
-                           help="schedules whose steps the spec is fitted to (default 1f1b; fit the ones you will "
-                                "run: with 1f1b and zb-h1 it also fits what the zero-bubble schedules' split graphs "
-                                "save by not recording the autograd graph; each adds its measurement time)")
+                           help="schedules whose steps the spec is fitted to (default 1f1b zb-h1: the two ways "
+                                "the runtime runs a stage, so the spec also fits what the zero-bubble schedules' "
+                                "split graphs save by not recording the autograd graph; each adds its measurement "
+                                "time, and 1f1b alone measures in 40%% of it)")
     calibrate.add_argument("--launches", type=int, default=4,
                            help="launches of fresh rank processes each configuration is measured in (default 4; "
                                 "one launch's steps run 5-15%% apart from the next's)")

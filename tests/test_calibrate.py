@@ -238,11 +238,12 @@ def test_cli_calibrate_writes_a_device_json_that_report_reads(tmp_path: Path, ca
 
     out = tmp_path / "this-machine.json"
     assert main(["calibrate", "examples/mlp.py:build", "-o", str(out), "--name", "this-machine", "--no-link",
-                 "--launches", "2"]) == 0
+                 "--launches", "1"]) == 0
     printed = capsys.readouterr().out
     assert "mlp 1f1b stage 0 F (mb 2)" in printed and "mlp 1f1b stage 1 BW (mb 4)" in printed  # per stage run
     assert "mlp 1f1b x2" in printed and "mlp 1f1b x4" in printed  # per whole step, 2 and 4 micro-batches
-    assert "zb-h1" not in printed  # 1F1B alone unless --schedules says more
+    assert "mlp zb-h1 x2" in printed and "mlp zb-h1 x4" in printed  # and ZB-H1's, unless --schedules says less
+    assert "gpipe" not in printed
     assert f"wrote {out}: use it with --device {out}" in printed
     fitted = resolve_device(str(out))
     assert fitted.name == "this-machine" and fitted.link_latency_ms == CPU.link_latency_ms  # --no-link keeps it
