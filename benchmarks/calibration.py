@@ -94,8 +94,8 @@ def main() -> int:
                         help="launches of fresh rank processes per model; a plan's measured step is the median of "
                              "their medians (one launch's median moves about 10%% from the next's)")
     parser.add_argument("--fit-schedules", nargs="+", default=list(CALIBRATION_SCHEDULES),
-                        help="schedules whose steps the spec is fitted to (default 1f1b zb-h1, what pipecc "
-                             "calibrate fits to: the others out of sample)")
+                        help=f"schedules whose steps the spec is fitted to (default {' '.join(CALIBRATION_SCHEDULES)}, "
+                             "what pipecc calibrate fits to: the others out of sample)")
     parser.add_argument("--fit-launches", type=int, default=CALIBRATION_LAUNCHES,
                         help="launches of fresh rank processes per model that the spec is fitted to")
     parser.add_argument("--microbatches", type=int, default=4)

@@ -184,6 +184,8 @@ def _schedule_help() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from pipecc.calibration import CALIBRATION_LAUNCHES, CALIBRATION_SCHEDULES
+
     parser = argparse.ArgumentParser(
         prog="pipecc", description="Pipeline-parallelism compiler for PyTorch: partition a model into balanced "
                                    "pipeline stages, predict and draw its schedule, emit and run it.",
@@ -254,13 +256,15 @@ def make_parser() -> argparse.ArgumentParser:
                                                          "is kept: cpu, a100, h100 or a JSON (default cpu)")
     calibrate.add_argument("--name", default="calibrated", help="name of the fitted spec (default calibrated)")
     calibrate.add_argument("--no-link", action="store_true", help="keep the base spec's link; skip the ping-pong")
-    calibrate.add_argument("--schedules", nargs="+", default=None, metavar="SCHEDULE",
-                           help="schedules whose steps the spec is fitted to (default 1f1b zb-h1: the two ways "
-                                "the runtime runs a stage, so the spec also fits what the zero-bubble schedules' "
-                                "split graphs save by not recording the autograd graph; each adds its measurement "
-                                "time, and 1f1b alone measures in 40%% of it)")
-    calibrate.add_argument("--launches", type=int, default=4,
-                           help="launches of fresh rank processes each configuration is measured in (default 4; "
+    calibrate.add_argument("--schedules", nargs="+", default=list(CALIBRATION_SCHEDULES), metavar="SCHEDULE",
+                           help=f"schedules whose steps the spec is fitted to (default "
+                                f"{' '.join(CALIBRATION_SCHEDULES)}: the two ways the runtime runs a stage, so the "
+                                "spec also fits what the zero-bubble schedules' split graphs save by not recording "
+                                "the autograd graph; each adds its measurement time, and 1f1b alone measures in 40%% "
+                                "of it)")
+    calibrate.add_argument("--launches", type=int, default=CALIBRATION_LAUNCHES,
+                           help="launches of fresh rank processes each configuration is measured in (default "
+                                f"{CALIBRATION_LAUNCHES}; "
                                 "one launch's steps run 5-15%% apart from the next's)")
     calibrate.add_argument("--compare", action="store_true",
                            help="then run each MODEL on 2 local gloo ranks and print predicted against measured "
@@ -277,11 +281,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # as each gloo rank of `pipecc run` computes
     if args.launches < 1:
-        raise ConfigError(f"--launches {args.launches}: it must be at least 1 (4 by default).")
+        raise ConfigError(f"--launches {args.launches}: it must be at least 1 "
+                          f"({calibration.CALIBRATION_LAUNCHES} by default).")
     base = resolve_device(args.base)
     result = calibration.calibrate(args.models, base=base, name=args.name, measure_links=not args.no_link,
-                                   num_launches=args.launches,
-                                   schedules=args.schedules or calibration.CALIBRATION_SCHEDULES)
+                                   num_launches=args.launches, schedules=args.schedules)
     path = calibration.write_device(result.device, args.output)
     print(calibration.format_samples(result, base))
     print()
