@@ -326,15 +326,35 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
                   num_launches: int = 1) -> list[StepComparison]:
     """Predicted vs measured step time of each variant, over `num_ranks` local gloo ranks: the median
     over `num_launches` launches of fresh rank processes of each launch's median step (the same
-    plan's median moved 10-11% from one launch to the next on a 2-core VM)."""
-    predicted = [compile_variant(model_spec, v, num_ranks)[0].simulate() for v in variants]
-    launches = measure_launches(model_spec, variants, num_steps, num_ranks, num_launches)
+    plan's median moved 10-11% from one launch to the next on a 2-core VM).
+
+    Variants that compile to the same plan (devices that cut the model alike) run the same steps, so
+    that plan is measured once and its steps judge each of them: two copies of one MLP plan measured
+    side by side in the same launches came out up to 38% apart on a 2-core VM, a difference no
+    prediction can follow."""
+    plans = [compile_variant(model_spec, v, num_ranks)[0] for v in variants]
+    keys = [_runs_as(plan) for plan in plans]
+    measured_variant = {}
+    for key, variant in zip(keys, variants):
+        measured_variant.setdefault(key, variant)  # the first variant of each distinct plan
+    index = {key: k for k, key in enumerate(measured_variant)}
+    launches = measure_launches(model_spec, list(measured_variant.values()), num_steps, num_ranks, num_launches)
 
     def over_launches(k: int, field: str) -> float:  # the median of each launch's median
         return statistics.median(statistics.median(getattr(r, field) for r in launch[k]) for launch in launches)
 
-    return [StepComparison(v, p.step_time_ms, over_launches(k, "wall_ms"), max(p.busy_ms), over_launches(k, "cpu_ms"))
-            for k, (v, p) in enumerate(zip(variants, predicted))]
+    comparisons = []
+    for variant, plan, key in zip(variants, plans, keys):
+        timeline = plan.simulate()
+        comparisons.append(StepComparison(variant, timeline.step_time_ms, over_launches(index[key], "wall_ms"),
+                                          max(timeline.busy_ms), over_launches(index[key], "cpu_ms")))
+    return comparisons
+
+
+def _runs_as(plan: Plan) -> tuple:
+    """What a plan's steps do on the ranks: its schedule, and each stage's rank, nodes and backward
+    split (the device a plan was compiled for changes its steps only through these)."""
+    return plan.schedule, tuple((s.rank, s.node_names, s.backward_split is None) for s in plan.stages)
 
 
 def measure_launches(model_spec: str, variants: Sequence[Variant], num_steps: int, num_ranks: int,

@@ -317,6 +317,23 @@ def test_calibrate_fits_the_latency_of_whole_steps_over_gloo() -> None:
     assert one_f_one_b.device.link_bandwidth_bytes_per_s == CPU.link_bandwidth_bytes_per_s
 
 
+@pytest.mark.dist
+def test_variants_that_compile_to_one_plan_share_its_measurement(tmp_path: Path) -> None:
+    """compare_steps measures each distinct plan once on 2 gloo ranks: a device that predicts other
+    times but cuts the MLP where the preset does is judged on the very steps the preset's plan ran,
+    while another micro-batch count (another plan) gets steps of its own."""
+    from pipecc.calibration import Variant, compare_steps
+
+    slower = write_device(dataclasses.replace(CPU, name="slower ops", op_overhead_ms=2 * CPU.op_overhead_ms),
+                          tmp_path / "slower.json")
+    preset, same_cut, other_plan = compare_steps(
+        "examples/mlp.py:build", [Variant("1f1b", "cpu"), Variant("1f1b", str(slower)),
+                                  Variant("1f1b", "cpu", num_microbatches=2)], num_steps=2)
+    assert same_cut.predicted_ms > preset.predicted_ms  # another prediction, the same steps
+    assert (same_cut.measured_ms, same_cut.measured_busy_ms) == (preset.measured_ms, preset.measured_busy_ms)
+    assert other_plan.measured_ms != preset.measured_ms and other_plan.measured_ms > 0
+
+
 def test_calibrate_names_a_bad_schedule_before_any_rank_starts() -> None:
     from pipecc.calibration import calibrate
 
