@@ -13,9 +13,10 @@
 3. For every model and schedule, compiles four plans (the `cpu` preset, the spec fitted to all
    models, the spec fitted to this model alone, and profiled costs with the first fitted spec's
    link) and measures their steps on 2 local gloo ranks, one intra-op thread each, in --launches
-   launches of fresh processes (each plan's steps back to back, in 2 blocks); prints predicted,
-   measured (median of the launches' medians) and the error, and per cost model the mean error
-   and how many steps it predicted within 10%.
+   launches of fresh processes (each plan's steps back to back, in 2 blocks; plans that come out
+   the same, as when two specs cut the model alike, are measured once and share those steps);
+   prints predicted, measured (median of the launches' medians) and the error, and per cost model
+   the mean error and how many steps it predicted within 10%.
 
 Timings on a shared machine are noisy: rerun and compare before trusting a digit.
 """
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
@@ -44,6 +46,28 @@ from pipecc.calibration import (CALIBRATION_LAUNCHES, CALIBRATION_SCHEDULES, STE
 from pipecc.passes.profile import measure_stage_times  # noqa: E402
 
 MODELS = ("gpt", "bert", "mlp", "resnet", "unet")
+
+
+HELD_STILL = 0.05  # a plan whose step measured within this of its calibration-time step: the machine held still
+
+
+class Judged(NamedTuple):
+    """One predicted step against its measurement, and how far the calibrated plan's step had moved
+    since calibration (None for a schedule calibration did not measure)."""
+
+    error: float  # |predicted / measured - 1| of the step
+    busy_error: float  # the same of the busiest rank's CPU time
+    drift: float | None
+
+
+def describe(judged: list[Judged]) -> str:
+    """Mean step and busy error, and how many steps were predicted within 10%, over all and over
+    those the machine held still for."""
+    still = [j for j in judged if j.drift is not None and abs(j.drift) <= HELD_STILL]
+    step, busy = (100 * statistics.mean(getattr(j, field) for j in judged) for field in ("error", "busy_error"))
+    return (f"{step:.1f}%; {busy:.1f}%, "
+            f"{sum(j.error <= 0.10 for j in judged)} of {len(judged)} "
+            f"({sum(j.error <= 0.10 for j in still)} of {len(still)})")
 
 
 def spec_of(name: str) -> str:
@@ -136,7 +160,7 @@ def main() -> int:
           f"{args.launches} launches of the median of {args.steps} steps (error = predicted / measured - 1). 'step': wall-clock step time of the slowest rank; "
           "'busy': CPU time of the busiest rank in the step (what other jobs on a shared machine cannot stretch)")
     print(STEP_HEADER)
-    errors: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    judged: dict[str, list[Judged]] = collections.defaultdict(list)
     for name in args.models:
         # (device, cost model) per variant; "own model", the spec fitted to this model's runs alone, only
         # when it was among --fit-models
@@ -146,25 +170,27 @@ def main() -> int:
         plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
                          num_microbatches=args.microbatches)
                  for s in args.schedules for d, c in variants.values()]
-        drift = machine_probe_ms() / probe_at_calibration - 1
+        probe_drift = machine_probe_ms() / probe_at_calibration - 1
         results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
-        print(f"{name}: a fixed matmul + add probe runs {100 * drift:+.0f}% slower than at calibration "
-              "(the machine's own drift, which no fitted spec can follow)", flush=True)
+        print(f"{name}: a fixed matmul + add probe runs {100 * probe_drift:+.0f}% slower than at calibration",
+              flush=True)
         for i, schedule in enumerate(args.schedules):
-            row = results[i * len(variants):(i + 1) * len(variants)]  # each variant may cut the model differently
-            for key, r in zip(variants, row):
+            # each variant may cut the model differently
+            row = dict(zip(variants, results[i * len(variants):(i + 1) * len(variants)]))
+            # the cpu preset's plan is the one calibration measured (same partition and micro-batches): how
+            # far its step moved since is the machine's drift on this model, which no fitted spec can follow
+            at_calibration = next((run.measured_ms for run in runs if (run.label, run.plan.schedule.name,
+                                   run.plan.schedule.num_microbatches) == (name, schedule, args.microbatches)), None)
+            drift = None if at_calibration is None else row["cpu preset"].measured_ms / at_calibration - 1
+            for key, r in row.items():
                 print(format_step_row(name, key, r), flush=True)
-                errors[key].append((abs(r.error), abs(r.busy_error)))
-            # the cpu preset's plan is the one calibration measured (same partition and micro-batches)
-            for run in (fitted for fitted in runs if (fitted.label, fitted.plan.schedule.name,
-                                                       fitted.plan.schedule.num_microbatches)
-                        == (name, schedule, args.microbatches)):
-                print(f"{'':19s}the cpu preset's plan measured {run.measured_ms:.2f} ms during calibration: "
-                      f"{100 * (dict(zip(variants, row))['cpu preset'].measured_ms / run.measured_ms - 1):+.0f}% since "
-                      "(the machine's drift)")
-    print("\nmean |error| per cost model (step; busy), and steps predicted within 10%: " + ", ".join(
-        f"{k} {100 * statistics.mean(e for e, _ in v):.1f}%; {100 * statistics.mean(b for _, b in v):.1f}%, "
-        f"{sum(e <= 0.10 for e, _ in v)} of {len(v)}" for k, v in errors.items()))
+                judged[key].append(Judged(abs(r.error), abs(r.busy_error), drift))
+            if drift is not None:
+                print(f"{'':19s}the cpu preset's plan measured {at_calibration:.2f} ms during calibration: "
+                      f"{100 * drift:+.0f}% since (the machine's drift)")
+    print(f"\nmean |error| per cost model (step; busy), and steps predicted within 10% (in brackets: of the steps "
+          f"whose cpu preset plan measured within {HELD_STILL:.0%} of its calibration-time step, where the machine "
+          "held still): " + ", ".join(f"{k} {describe(v)}" for k, v in judged.items()))
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 

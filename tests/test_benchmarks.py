@@ -3,6 +3,7 @@ smallest size (no timing assertions), and the measuring pieces measure what they
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,25 @@ def test_calibration_fits_benchmark_judges_every_fit_on_every_configuration() ->
     assert [(r[1], r[2]) for r in rows] == [(s, m) for s in ("gpipe", "1f1b", "zb-h1") for m in ("2", "4")]
     assert all(len(r) == 4 + 4 and all(cell.endswith("%") for cell in r[4:]) for r in rows)  # 4 fits
     assert "1f1b+zb-h1 own     all" in proc.stdout and "out of sample (gpipe, zb-h1)" in proc.stdout
+
+
+@pytest.mark.dist
+def test_calibration_benchmark_judges_every_spec_and_names_the_drift() -> None:
+    """MLP, 2 steps, 1 launch: a row per schedule and cost model with its error, the drift of the
+    plan calibration measured under the schedule it fitted (1F1B) and not under GPipe, and a summary
+    per cost model counting its steps within 10%, over all and over those the machine held still for."""
+    proc = subprocess.run([sys.executable, "benchmarks/calibration.py", "--models", "mlp", "--schedules", "gpipe",
+                           "1f1b", "--fit-schedules", "1f1b", "--steps", "2", "--launches", "1", "--fit-launches", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    labels = ("cpu preset", "calibrated", "own model", "profiled")
+    rows = [line for line in lines if line.startswith("mlp ") and any(label in line for label in labels)]
+    assert [(row.split()[1], label) for row, label in zip(rows, labels * 2)] == [
+        (s, label) for s in ("gpipe", "1f1b") for label in labels]
+    assert all(label in row and len(re.findall(r"[+-] *\d+%", row)) == 2 for row, label in zip(rows, labels * 2))
+    drift = [i for i, line in enumerate(lines) if "during calibration" in line]
+    assert len(drift) == 1 and lines.index(rows[-1]) < drift[0]  # under 1F1B's rows only
+    summary = next(line for line in lines if line.startswith("mean |error| per cost model"))
+    counts = re.findall(r"(\d) of 2 \((\d) of (\d)\)", summary)
+    assert len(counts) == 4 and all(int(held) <= int(of) <= 1 for _, held, of in counts), summary
