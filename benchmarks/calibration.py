@@ -3,20 +3,23 @@
     python benchmarks/calibration.py                      # all examples, gpipe, 1f1b and zb-h1
     python benchmarks/calibration.py --models gpt mlp --schedules 1f1b --steps 5 --launches 1
 
-1. Fits a device spec to this machine (what `pipecc calibrate` does: the recorded actions and
-   steps of 1F1B and ZB-H1 (--fit-schedules) runs of the examples (--fit-models) on 2 gloo ranks, and gloo
-   ping-pongs) and writes it as JSON: one spec to all the models together, and from the same
-   measurements one spec to each model alone (what `pipecc calibrate MODEL` gives a user who
-   trains that model). Other schedules, and models left out of --fit-models, are out of sample.
-2. Profile consistency: per stage, the sum of the profiled node times (cost_model="profile")
-   against one whole-stage run (forward + backward), as a ratio.
-3. For every model and schedule, compiles four plans (the `cpu` preset, the spec fitted to all
-   models, the spec fitted to this model alone, and profiled costs with the first fitted spec's
-   link) and measures their steps on 2 local gloo ranks, one intra-op thread each, in --launches
+For each model of --fit-models (default: --models), in turn:
+1. calibrates on it, as `pipecc calibrate MODEL` does (the recorded actions and steps of its 1F1B
+   and ZB-H1 runs, --fit-schedules, on 2 gloo ranks, and gloo ping-pongs measured once at the
+   start) and writes the spec as JSON: the `own model` spec, what a user who trains MODEL gets;
+2. right after (a spec is fitted to the machine as it runs then, and on a 2-core VM the same
+   plan's step moves 10-50% over a few minutes), compiles the model under each of --schedules
+   three ways (the `cpu` preset, the own model spec, and profiled node times with its runtime and
+   link), measures their steps on 2 local gloo ranks, one intra-op thread each, in --launches
    launches of fresh processes (each plan's steps back to back, in 2 blocks; plans that come out
-   the same, as when two specs cut the model alike, are measured once and share those steps);
-   prints predicted, measured (median of the launches' medians) and the error, and per cost model
-   the mean error and how many steps it predicted within 10%.
+   the same, as when two specs cut the model alike, are measured once and share those steps), and
+   prints predicted, measured (median of the launches' medians) and the error; under each schedule
+   calibration measured, how far the preset's plan (the one calibration ran) moved since.
+Then one spec fitted to all those models together (`calibrated`, written to --device-out), with
+its error on the steps it was fitted to, and the models left out of --fit-models judged on it, out
+of sample. Before all this: per stage, the sum of the profiled node times (cost_model="profile")
+against one whole-stage run (forward + backward). Last, per cost model, the mean error and how
+many steps it predicted within 10%, over all and over those whose plan held still.
 
 Timings on a shared machine are noisy: rerun and compare before trusting a digit.
 """
@@ -40,8 +43,8 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 import pipecc  # noqa: E402
-from pipecc.calibration import (CALIBRATION_LAUNCHES, CALIBRATION_SCHEDULES, STEP_HEADER, Variant,  # noqa: E402
-                                collect_runs, compare_steps, fit_calibration, format_step_row, format_steps,
+from pipecc.calibration import (CALIBRATION_LAUNCHES, CALIBRATION_SCHEDULES, STEP_HEADER, MeasuredRun,  # noqa: E402
+                                Variant, collect_runs, compare_steps, fit_calibration, format_step_row, format_steps,
                                 measure_link, write_device)
 from pipecc.passes.profile import measure_stage_times  # noqa: E402
 
@@ -74,21 +77,6 @@ def spec_of(name: str) -> str:
     return str(Path(_ROOT) / "examples" / f"{name}.py") + ":build"
 
 
-def machine_probe_ms(seconds: float = 0.5) -> float:
-    """The median time of a fixed single-thread workload (a 256x256 matmul and a 1M-element add):
-    how fast this machine runs right now. On a shared VM it drifts (12% between two minutes of
-    one session), and a prediction fitted at one speed is then measured at another."""
-    a, x = torch.randn(256, 256), torch.randn(1 << 20)
-    times = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ a
-        x + x
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def profile_consistency(names: list[str], cache_dir: str) -> None:
     from pipecc.cli import build_model
 
@@ -104,6 +92,32 @@ def profile_consistency(names: list[str], cache_dir: str) -> None:
             ratios.append(stage.cost.compute_ms / measured)
             print(f"{name:8s} {stage.index:5d} {stage.cost.compute_ms:9.3f} {measured:9.3f} {ratios[-1]:6.2f}")
     print(f"median ratio {statistics.median(ratios):.2f}, range {min(ratios):.2f}..{max(ratios):.2f}")
+
+
+def judge(name: str, label: str, device: str, calibration_runs: list[MeasuredRun], args: argparse.Namespace,
+          cache_dir: str, judged: dict[str, list[Judged]]) -> None:
+    """Compile `name` under each of --schedules on the `cpu` preset, on `device` (labelled `label`) and
+    on profiled node times with `device`'s runtime and link; measure the plans and print each
+    predicted step beside the measured one, and under each schedule calibration measured, how far
+    the preset's plan (the one calibration ran) moved since: the machine's drift, which no fitted
+    spec can follow. Each step is added to `judged` under its cost model."""
+    variants = {"cpu preset": ("cpu", "analytic"), label: (device, "analytic"), "profiled": (device, "profile")}
+    plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
+                     num_microbatches=args.microbatches)
+             for s in args.schedules for d, c in variants.values()]
+    results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
+    print(STEP_HEADER)
+    for i, schedule in enumerate(args.schedules):
+        row = dict(zip(variants, results[i * len(variants):(i + 1) * len(variants)]))  # each may cut the model apart
+        at_calibration = next((run.measured_ms for run in calibration_runs if (
+            run.plan.schedule.name, run.plan.schedule.num_microbatches) == (schedule, args.microbatches)), None)
+        drift = None if at_calibration is None else row["cpu preset"].measured_ms / at_calibration - 1
+        for key, result in row.items():
+            print(format_step_row(name, key, result), flush=True)
+            judged[key].append(Judged(abs(result.error), abs(result.busy_error), drift))
+        if drift is not None:
+            print(f"{'':19s}the cpu preset's plan measured {at_calibration:.2f} ms during calibration: "
+                  f"{100 * drift:+.0f}% since (the machine's drift)")
 
 
 def main() -> int:
@@ -135,59 +149,34 @@ def main() -> int:
     cache_dir = os.path.join(work, "profile-cache")
     device_path = args.device_out or os.path.join(work, "device.json")
 
-    start = time.perf_counter()
-    probe_at_calibration = machine_probe_ms()
-    fit_models = args.fit_models or args.models
-    runs = collect_runs([spec_of(m) for m in fit_models], num_launches=args.fit_launches, schedules=args.fit_schedules)
     links = measure_link()
-    calibration = fit_calibration(runs, links)
-    write_device(calibration.device, device_path)
-    print(f"calibration took {time.perf_counter() - start:.1f} s; {calibration.summary()}")
-    print(f"device JSON: {device_path}")
-    print("the steps it was fitted to (without the timeline):\n" + format_steps(calibration))
-    print("link ping-pong (one way): " + ", ".join(f"{s.num_bytes} B {s.one_way_ms * 1e3:.0f} us"
-                                                   for s in calibration.link_samples))
-    # the same measurements, one model at a time: the spec a user gets from `pipecc calibrate MODEL`
-    own_paths = {}
-    for name in fit_models:
-        own = fit_calibration([r for r in runs if r.label == name], links, name=f"calibrated on {name}")
-        own_paths[name] = str(write_device(own.device, os.path.join(work, f"device-{name}.json")))
-        print(f"fitted to {name} alone: {own.summary()}")
-
+    print("link ping-pong (one way): " + ", ".join(f"{s.num_bytes} B {s.one_way_ms * 1e3:.0f} us" for s in links))
     profile_consistency(args.models, cache_dir)
 
     print(f"\npredicted / measured per step, 2 gloo ranks x 1 thread, {args.microbatches} micro-batches, median over "
-          f"{args.launches} launches of the median of {args.steps} steps (error = predicted / measured - 1). 'step': wall-clock step time of the slowest rank; "
-          "'busy': CPU time of the busiest rank in the step (what other jobs on a shared machine cannot stretch)")
-    print(STEP_HEADER)
+          f"{args.launches} launches of the median of {args.steps} steps (error = predicted / measured - 1). 'step': "
+          "wall-clock step time of the slowest rank; 'busy': CPU time of the busiest rank in the step (what other "
+          "jobs on a shared machine cannot stretch)")
+    fit_models = args.fit_models or args.models
+    runs: list[MeasuredRun] = []
     judged: dict[str, list[Judged]] = collections.defaultdict(list)
-    for name in args.models:
-        # (device, cost model) per variant; "own model", the spec fitted to this model's runs alone, only
-        # when it was among --fit-models
-        variants = {"cpu preset": ("cpu", "analytic"), "calibrated": (device_path, "analytic"),
-                    "own model": (own_paths.get(name), "analytic"), "profiled": (device_path, "profile")}
-        variants = {k: v for k, v in variants.items() if v[0] is not None}
-        plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
-                         num_microbatches=args.microbatches)
-                 for s in args.schedules for d, c in variants.values()]
-        probe_drift = machine_probe_ms() / probe_at_calibration - 1
-        results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
-        print(f"{name}: a fixed matmul + add probe runs {100 * probe_drift:+.0f}% slower than at calibration",
-              flush=True)
-        for i, schedule in enumerate(args.schedules):
-            # each variant may cut the model differently
-            row = dict(zip(variants, results[i * len(variants):(i + 1) * len(variants)]))
-            # the cpu preset's plan is the one calibration measured (same partition and micro-batches): how
-            # far its step moved since is the machine's drift on this model, which no fitted spec can follow
-            at_calibration = next((run.measured_ms for run in runs if (run.label, run.plan.schedule.name,
-                                   run.plan.schedule.num_microbatches) == (name, schedule, args.microbatches)), None)
-            drift = None if at_calibration is None else row["cpu preset"].measured_ms / at_calibration - 1
-            for key, r in row.items():
-                print(format_step_row(name, key, r), flush=True)
-                judged[key].append(Judged(abs(r.error), abs(r.busy_error), drift))
-            if drift is not None:
-                print(f"{'':19s}the cpu preset's plan measured {at_calibration:.2f} ms during calibration: "
-                      f"{100 * drift:+.0f}% since (the machine's drift)")
+    for name in fit_models:  # each calibrated right before its plans are measured, as a user calibrates, then trains
+        start = time.perf_counter()
+        own_runs = collect_runs([spec_of(name)], num_launches=args.fit_launches, schedules=args.fit_schedules)
+        runs += own_runs
+        own = fit_calibration(own_runs, links, name=f"calibrated on {name}")
+        own_path = write_device(own.device, os.path.join(work, f"device-{name}.json"))
+        print(f"\n{name} calibrated in {time.perf_counter() - start:.1f} s: {own.summary()}\n"
+              f"the steps it was fitted to (without the timeline):\n{format_steps(own)}", flush=True)
+        if name in args.models:  # "own model": what `pipecc calibrate MODEL` gives whoever trains MODEL
+            judge(name, "own model", str(own_path), own_runs, args, cache_dir, judged)
+    # one spec fitted to all of them: judged on the steps it was fitted to, and on the models left out
+    calibration = fit_calibration(runs, links)
+    write_device(calibration.device, device_path)
+    print(f"\nfitted to {', '.join(fit_models)} together: {calibration.summary()}\ndevice JSON: {device_path}\n"
+          f"the steps it was fitted to (without the timeline):\n{format_steps(calibration)}")
+    for name in (m for m in args.models if m not in fit_models):
+        judge(name, "calibrated", device_path, [], args, cache_dir, judged)
     print(f"\nmean |error| per cost model (step; busy), and steps predicted within 10% (in brackets: of the steps "
           f"whose cpu preset plan measured within {HELD_STILL:.0%} of its calibration-time step, where the machine "
           "held still): " + ", ".join(f"{k} {describe(v)}" for k, v in judged.items()))
