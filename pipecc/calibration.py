@@ -334,7 +334,7 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
     prediction can follow."""
     plans = [compile_variant(model_spec, v, num_ranks)[0] for v in variants]
     keys = [_runs_as(plan) for plan in plans]
-    measured_variant = {}
+    measured_variant: dict[tuple, Variant] = {}
     for key, variant in zip(keys, variants):
         measured_variant.setdefault(key, variant)  # the first variant of each distinct plan
     index = {key: k for k, key in enumerate(measured_variant)}
