@@ -95,18 +95,19 @@ def profile_consistency(names: list[str], cache_dir: str) -> None:
 
 
 def judge(name: str, label: str, device: str, calibration_runs: list[MeasuredRun], args: argparse.Namespace,
-          cache_dir: str, judged: dict[str, list[Judged]]) -> None:
+          cache_dir: str) -> list[tuple[str, Judged]]:
     """Compile `name` under each of --schedules on the `cpu` preset, on `device` (labelled `label`) and
     on profiled node times with `device`'s runtime and link; measure the plans and print each
     predicted step beside the measured one, and under each schedule calibration measured, how far
     the preset's plan (the one calibration ran) moved since: the machine's drift, which no fitted
-    spec can follow. Each step is added to `judged` under its cost model."""
+    spec can follow. Returns each step judged, under its cost model."""
     variants = {"cpu preset": ("cpu", "analytic"), label: (device, "analytic"), "profiled": (device, "profile")}
     plans = [Variant(schedule=s, device=d, cost_model=c, profile_cache_dir=cache_dir if c == "profile" else None,
                      num_microbatches=args.microbatches)
              for s in args.schedules for d, c in variants.values()]
     results = compare_steps(spec_of(name), plans, num_steps=args.steps, num_launches=args.launches)
     print(STEP_HEADER)
+    judged = []
     for i, schedule in enumerate(args.schedules):
         row = dict(zip(variants, results[i * len(variants):(i + 1) * len(variants)]))  # each may cut the model apart
         at_calibration = next((run.measured_ms for run in calibration_runs if (
@@ -114,10 +115,11 @@ def judge(name: str, label: str, device: str, calibration_runs: list[MeasuredRun
         drift = None if at_calibration is None else row["cpu preset"].measured_ms / at_calibration - 1
         for key, result in row.items():
             print(format_step_row(name, key, result), flush=True)
-            judged[key].append(Judged(abs(result.error), abs(result.busy_error), drift))
+            judged.append((key, Judged(abs(result.error), abs(result.busy_error), drift)))
         if drift is not None:
             print(f"{'':19s}the cpu preset's plan measured {at_calibration:.2f} ms during calibration: "
                   f"{100 * drift:+.0f}% since (the machine's drift)")
+    return judged
 
 
 def main() -> int:
@@ -169,14 +171,16 @@ def main() -> int:
         print(f"\n{name} calibrated in {time.perf_counter() - start:.1f} s: {own.summary()}\n"
               f"the steps it was fitted to (without the timeline):\n{format_steps(own)}", flush=True)
         if name in args.models:  # "own model": what `pipecc calibrate MODEL` gives whoever trains MODEL
-            judge(name, "own model", str(own_path), own_runs, args, cache_dir, judged)
+            for key, step in judge(name, "own model", str(own_path), own_runs, args, cache_dir):
+                judged[key].append(step)
     # one spec fitted to all of them: judged on the steps it was fitted to, and on the models left out
     calibration = fit_calibration(runs, links)
     write_device(calibration.device, device_path)
     print(f"\nfitted to {', '.join(fit_models)} together: {calibration.summary()}\ndevice JSON: {device_path}\n"
           f"the steps it was fitted to (without the timeline):\n{format_steps(calibration)}")
     for name in (m for m in args.models if m not in fit_models):
-        judge(name, "calibrated", device_path, [], args, cache_dir, judged)
+        for key, step in judge(name, "calibrated", device_path, [], args, cache_dir):
+            judged[key].append(step)
     print(f"\nmean |error| per cost model (step; busy), and steps predicted within 10% (in brackets: of the steps "
           f"whose cpu preset plan measured within {HELD_STILL:.0%} of its calibration-time step, where the machine "
           "held still): " + ", ".join(f"{k} {describe(v)}" for k, v in judged.items()))

@@ -334,21 +334,18 @@ def compare_steps(model_spec: str, variants: Sequence[Variant], *, num_steps: in
     prediction can follow."""
     plans = [compile_variant(model_spec, v, num_ranks)[0] for v in variants]
     keys = [_runs_as(plan) for plan in plans]
-    measured_variant: dict[tuple, Variant] = {}
+    distinct: dict[tuple, Variant] = {}
     for key, variant in zip(keys, variants):
-        measured_variant.setdefault(key, variant)  # the first variant of each distinct plan
-    index = {key: k for k, key in enumerate(measured_variant)}
-    launches = measure_launches(model_spec, list(measured_variant.values()), num_steps, num_ranks, num_launches)
+        distinct.setdefault(key, variant)  # the first variant of each distinct plan
+    launches = measure_launches(model_spec, list(distinct.values()), num_steps, num_ranks, num_launches)
 
     def over_launches(k: int, field: str) -> float:  # the median of each launch's median
         return statistics.median(statistics.median(getattr(r, field) for r in launch[k]) for launch in launches)
 
-    comparisons = []
-    for variant, plan, key in zip(variants, plans, keys):
-        timeline = plan.simulate()
-        comparisons.append(StepComparison(variant, timeline.step_time_ms, over_launches(index[key], "wall_ms"),
-                                          max(timeline.busy_ms), over_launches(index[key], "cpu_ms")))
-    return comparisons
+    measured = {key: (over_launches(k, "wall_ms"), over_launches(k, "cpu_ms")) for k, key in enumerate(distinct)}
+    timelines = [plan.simulate() for plan in plans]
+    return [StepComparison(v, t.step_time_ms, measured[key][0], max(t.busy_ms), measured[key][1])
+            for v, t, key in zip(variants, timelines, keys)]
 
 
 def _runs_as(plan: Plan) -> tuple:
